@@ -1,0 +1,390 @@
+//! Types shared by the XDP data plane (`lb-ebpf`) and the userspace agent.
+//!
+//! Every struct here is a BPF map key or value: `#[repr(C)]`, no implicit padding, and
+//! addresses and ports kept exactly as they appear on the wire ("raw": the packet's bytes
+//! read as native-endian words). Both sides are little-endian (x86-64 host, bpfel), so the
+//! same bytes give the same words and [`flow_hash`] gives the same value on both sides:
+//! userspace can predict the backend of any flow.
+//!
+//! The data-plane behaviour these maps drive is specified in `docs/dataplane.md`.
+#![no_std]
+
+/// UDP destination port of our GUE (IP in UDP, "variant 1": no GUE header) encapsulation.
+pub const GUE_PORT: u16 = 6080;
+/// Default Maglev ring size (prime, Katran's and the Maglev paper's).
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Capacity of the VIP map compiled into the object (the agent may lower or raise it).
+pub const MAX_VIPS: u32 = 64;
+/// Capacity of the backend array compiled into the object.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Connection-table capacity compiled into the object.
+pub const MAX_CONNS: u32 = 65536;
+/// Rings are double-buffered: VIP `id` owns ring slots `2*id` and `2*id+1` of `RINGS`,
+/// each `ring_stride` entries long; `VipMeta::ring_base` says which one is live.
+pub const RINGS_PER_VIP: u32 = 2;
+/// ICMP payload quoted in our "fragmentation needed" replies (bytes after the ICMP header).
+pub const ICMP4_QUOTE: u32 = 64;
+/// ICMPv6 payload quoted in our "packet too big" replies.
+pub const ICMP6_QUOTE: u32 = 128;
+/// TTL / hop limit of packets the data plane builds.
+pub const OUTER_TTL: u8 = 64;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// How a VIP's packets reach the backend.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forwarding {
+    /// IP in IP: 4-in-4, 6-in-6 or 4-in-6, by the families of VIP and backend.
+    Ipip = 0,
+    /// IP in UDP to [`GUE_PORT`], outer source port carries flow entropy.
+    Gue = 1,
+    /// Destination MAC rewrite only; the backend must be on the same L2 segment.
+    L2Dsr = 2,
+}
+
+impl Forwarding {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Ipip),
+            1 => Some(Self::Gue),
+            2 => Some(Self::L2Dsr),
+            _ => None,
+        }
+    }
+}
+
+/// Key of the `VIPS` map: destination address, port and protocol of a packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// Raw address words; an IPv4 address is `addr[0]`, the rest zero.
+    pub addr: [u32; 4],
+    /// Raw (network-order) port.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// `VipMeta::flags`: hash only the client address (session affinity).
+pub const VIP_F_AFFINITY: u8 = 1;
+
+/// Value of the `VIPS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMeta {
+    /// Index into `VIP_STATS`.
+    pub id: u32,
+    /// Index in `RINGS` of slot 0 of the live ring.
+    pub ring_base: u32,
+    /// Number of slots of the live ring; 0 means no backend (packets are dropped).
+    pub ring_size: u32,
+    /// [`Forwarding`] as u8.
+    pub forwarding: u8,
+    /// `VIP_F_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Key of the `VIP_ADDRS` map: every address that has at least one VIP. Consulted only
+/// off the fast path (fragments, ICMP, other protocols) to tell "to a VIP" from "not ours".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `Backend::state`.
+pub const BACKEND_EMPTY: u8 = 0;
+/// Takes new and established flows.
+pub const BACKEND_UP: u8 = 1;
+/// Keeps its established flows, gets no new ones (absent from rings).
+pub const BACKEND_DRAINING: u8 = 2;
+/// Failed: established flows are moved to the VIP's ring choice.
+pub const BACKEND_DOWN: u8 = 3;
+
+/// Element of the `BACKENDS` array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Raw address words; IPv4 in `addr[0]`.
+    pub addr: [u32; 4],
+    /// Next-hop MAC for this backend; all zero means `Config::gw_mac`.
+    pub mac: [u8; 6],
+    pub family: u8,
+    pub state: u8,
+}
+
+/// Key of the connection table (`CONNS`, LRU with per-CPU lists) and input of [`flow_hash`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Raw ports.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the connection table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnVal {
+    pub backend: u32,
+    pub _pad: u32,
+}
+
+/// The one element of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Seed of [`flow_hash`]; identical on every LB host behind one ECMP group.
+    pub hash_seed: u32,
+    /// Interface MTU: an encapsulated packet whose IP length would exceed it is answered
+    /// with ICMP instead. 0 disables the check.
+    pub mtu: u32,
+    /// Outer IPv4 source: `(src4 & !src4_mask) | (entropy & src4_mask)` (raw words).
+    pub src4: u32,
+    pub src4_mask: u32,
+    /// Outer IPv6 source: words 0..3 from `src6`, word 3 mixed like `src4` with `src6_mask`.
+    pub src6: [u32; 4],
+    pub src6_mask: u32,
+    /// Destination MAC of forwarded packets when the backend has none.
+    pub gw_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Per-VIP and per-backend counters (per-CPU arrays `VIP_STATS`, `BE_STATS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    /// Bytes of the frames as received.
+    pub bytes: u64,
+    /// Packets that found no connection-table entry (or one pointing at a dead backend).
+    pub new_flows: u64,
+}
+
+/// Why the `lb` program returned what it returned: index into the per-CPU `STATS` array.
+/// Every packet increments exactly one of these.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...), or a VLAN tag with another ethertype inside.
+    PassNotIp = 0,
+    /// IP, but not to any VIP (address, port, protocol).
+    PassNotVip = 1,
+    /// Frame too short for the headers it announces (Ethernet, VLAN, IP, L4, ICMP inner).
+    DropTruncated = 2,
+    /// IPv4 header with IHL < 5, or total length shorter than its header or longer than
+    /// the frame; IPv6 payload length longer than the frame; wrong IP version nibble.
+    DropBadHeader = 3,
+    /// A fragment to a VIP address (IPv4 MF or offset, IPv6 fragment header).
+    DropFragment = 4,
+    /// A protocol other than TCP/UDP/ICMP to a VIP address (incl. IPv6 extension headers).
+    DropUnsupported = 5,
+    /// The VIP has no backend (empty ring) or the ring named an unused backend slot.
+    DropNoBackend = 6,
+    /// ICMP to a VIP address that is not an error about one of its flows (echo, ...).
+    DropIcmp = 7,
+    /// Too big to encapsulate and DF clear: cannot fragment in XDP.
+    DropTooBig = 8,
+    /// A helper (adjust_head/adjust_tail) failed.
+    DropHelper = 9,
+    /// Forwarded to a backend (encapsulated or MAC-rewritten).
+    TxForward = 10,
+    /// ICMP error about a VIP flow, forwarded to that flow's backend.
+    TxIcmpForward = 11,
+    /// Answered with ICMP fragmentation-needed / packet-too-big.
+    TxIcmpTooBig = 12,
+    /// `CONFIG` missing (agent not ready).
+    DropNoConfig = 13,
+}
+
+pub const NUM_REASONS: u32 = 14;
+
+impl Reason {
+    pub const ALL: [Reason; NUM_REASONS as usize] = [
+        Reason::PassNotIp,
+        Reason::PassNotVip,
+        Reason::DropTruncated,
+        Reason::DropBadHeader,
+        Reason::DropFragment,
+        Reason::DropUnsupported,
+        Reason::DropNoBackend,
+        Reason::DropIcmp,
+        Reason::DropTooBig,
+        Reason::DropHelper,
+        Reason::TxForward,
+        Reason::TxIcmpForward,
+        Reason::TxIcmpTooBig,
+        Reason::DropNoConfig,
+    ];
+
+    /// Metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassNotVip => "pass_not_vip",
+            Reason::DropTruncated => "drop_truncated",
+            Reason::DropBadHeader => "drop_bad_header",
+            Reason::DropFragment => "drop_fragment",
+            Reason::DropUnsupported => "drop_unsupported_proto",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropIcmp => "drop_icmp",
+            Reason::DropTooBig => "drop_too_big",
+            Reason::DropHelper => "drop_helper",
+            Reason::TxForward => "tx_forward",
+            Reason::TxIcmpForward => "tx_icmp_forward",
+            Reason::TxIcmpTooBig => "tx_icmp_too_big",
+            Reason::DropNoConfig => "drop_no_config",
+        }
+    }
+}
+
+/// Counters of the `decap` program (per-CPU array `DECAP_STATS`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapReason {
+    /// Not our encapsulation: passed untouched.
+    Pass = 0,
+    /// Outer header removed, inner packet passed up.
+    Decapped = 1,
+    /// Looked like ours but too short or inconsistent: dropped.
+    DropMalformed = 2,
+}
+pub const NUM_DECAP_REASONS: u32 = 3;
+
+const C1: u32 = 0xcc9e_2d51;
+const C2: u32 = 0x1b87_3593;
+
+/// One MurmurHash3 (x86_32) block round.
+#[inline(always)]
+pub fn murmur_round(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+/// MurmurHash3 finalizer.
+#[inline(always)]
+pub fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The flow hash that picks a ring slot: MurmurHash3 over the raw words of the VIP's hash
+/// fields. Default fields: source, destination, ports, protocol. With `affinity`: the
+/// source address only, so every flow of one client lands on one backend.
+#[inline(always)]
+pub fn flow_hash(seed: u32, k: &FlowKey, affinity: bool) -> u32 {
+    let mut h = seed;
+    if k.family == FAMILY_V6 {
+        h = murmur_round(h, k.src[0]);
+        h = murmur_round(h, k.src[1]);
+        h = murmur_round(h, k.src[2]);
+        h = murmur_round(h, k.src[3]);
+        if !affinity {
+            h = murmur_round(h, k.dst[0]);
+            h = murmur_round(h, k.dst[1]);
+            h = murmur_round(h, k.dst[2]);
+            h = murmur_round(h, k.dst[3]);
+        }
+    } else {
+        h = murmur_round(h, k.src[0]);
+        if !affinity {
+            h = murmur_round(h, k.dst[0]);
+        }
+    }
+    if !affinity {
+        h = murmur_round(h, k.sport as u32 | (k.dport as u32) << 16);
+        h = murmur_round(h, k.proto as u32);
+    }
+    fmix32(h)
+}
+
+/// Cheap per-flow entropy for outer headers (outer source address bits, IPv6 flow label,
+/// GUE source port), from the client's address and port: a backend's RSS then spreads
+/// flows over its queues, and every packet of a flow gets the same value without hashing.
+#[inline(always)]
+pub fn flow_entropy(k: &FlowKey) -> u32 {
+    let x = k.src[3] ^ k.src[0] ^ ((k.sport as u32) << 16 | k.sport as u32);
+    x ^ (x >> 13).wrapping_mul(0x9e37_79b1)
+}
+
+/// Ring slot of a hash: `hash % ring_size`.
+#[inline(always)]
+pub fn ring_slot(hash: u32, ring_size: u32) -> u32 {
+    hash % ring_size
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for ConnVal {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<VipKey>(), 20);
+        assert_eq!(size_of::<VipMeta>(), 16);
+        assert_eq!(size_of::<AddrKey>(), 20);
+        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<ConnVal>(), 8);
+        assert_eq!(size_of::<Config>(), 44);
+        assert_eq!(size_of::<Counters>(), 24);
+    }
+
+    #[test]
+    fn hash_depends_on_every_default_field_and_affinity_only_on_source() {
+        let base = FlowKey {
+            src: [0x0a00_0001, 0, 0, 0],
+            dst: [0x0b00_0001, 0, 0, 0],
+            sport: 1234,
+            dport: 80,
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        };
+        let h = flow_hash(7, &base, false);
+        let mut k = base;
+        k.sport = 1235;
+        assert_ne!(h, flow_hash(7, &k, false));
+        assert_eq!(flow_hash(7, &base, true), flow_hash(7, &k, true));
+        k = base;
+        k.dst[0] ^= 1;
+        assert_ne!(h, flow_hash(7, &k, false));
+        assert_ne!(h, flow_hash(8, &base, false));
+        k = base;
+        k.src[0] ^= 1;
+        assert_ne!(flow_hash(7, &base, true), flow_hash(7, &k, true));
+    }
+}

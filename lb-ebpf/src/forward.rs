@@ -1,0 +1,228 @@
+//! Getting a packet to its backend: MAC rewrite (`L2Dsr`), IP-in-IP or GUE encapsulation,
+//! or, when the encapsulated packet would not fit the MTU, an ICMP "too big" to the client.
+use aya_ebpf::{
+    bindings::xdp_action::*,
+    helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::*;
+
+use crate::{
+    csum::fold,
+    lb::Verdict,
+    pkt::*,
+};
+
+/// What the parser learnt about the frame, enough to rebuild its headers.
+pub struct Frame {
+    /// Offset of the IP header: 14, or 18 behind one VLAN tag.
+    pub l3: usize,
+    /// Frame length as received.
+    pub len: usize,
+    /// IP datagram length (header included), padding excluded.
+    pub ip_len: usize,
+    /// IPv4 TOS or IPv6 traffic class.
+    pub tos: u8,
+    /// IPv4 DF (always true for IPv6: routers never fragment it).
+    pub df: bool,
+    pub family: u8,
+}
+
+#[inline(always)]
+pub fn forward(
+    ctx: &XdpContext,
+    frame: &Frame,
+    flow: &FlowKey,
+    forwarding: u8,
+    be: &Backend,
+    cfg: &Config,
+    icmp: bool,
+) -> Verdict {
+    let ok = if icmp { Reason::TxIcmpForward } else { Reason::TxForward };
+    let mut mac = Mac::from_bytes(&be.mac);
+    if mac.is_zero() {
+        mac = Mac::from_bytes(&cfg.gw_mac);
+    }
+    let Some(eth) = check(ctx, 0, 14) else {
+        return (XDP_DROP, Reason::DropTruncated);
+    };
+    let old_dst = Mac::load(eth);
+    if forwarding == Forwarding::L2Dsr as u8 {
+        mac.store(eth);
+        old_dst.store(eth + 6);
+        return (XDP_TX, ok);
+    }
+
+    let outer6 = be.family == FAMILY_V6;
+    let gue = forwarding == Forwarding::Gue as u8;
+    let ip_hdr = if outer6 { 40 } else { 20 };
+    let overhead = ip_hdr + if gue { 8 } else { 0 };
+    if cfg.mtu != 0 && (frame.ip_len + overhead) as u32 > cfg.mtu {
+        if icmp || !frame.df {
+            return (XDP_DROP, Reason::DropTooBig);
+        }
+        return too_big(ctx, frame, cfg.mtu - overhead as u32);
+    }
+
+    let l3 = frame.l3;
+    let tag = if l3 == 18 {
+        match check(ctx, 14, 2) {
+            Some(p) => ld16(p),
+            None => 0,
+        }
+    } else {
+        0
+    };
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
+        return (XDP_DROP, Reason::DropHelper);
+    }
+    // adjust_head invalidated every packet pointer: re-derive from the new start.
+    // Verifier: each header below gets its own check; one combined `l3 + overhead` check
+    // was lost when LLVM computed `overhead` without a branch.
+    let Some(p) = check(ctx, 0, 18) else {
+        return (XDP_DROP, Reason::DropHelper);
+    };
+    mac.store(p);
+    old_dst.store(p + 6);
+    let et = if outer6 { ETH_P_IPV6 } else { ETH_P_IP };
+    if l3 == 18 {
+        st16(p + 12, ETH_P_8021Q);
+        st16(p + 14, tag);
+        st16(p + 16, et);
+    } else {
+        st16(p + 12, et);
+    }
+
+    let entropy = flow_entropy(flow);
+    let inner_proto = if gue {
+        PROTO_UDP
+    } else if frame.family == FAMILY_V4 {
+        4
+    } else {
+        41
+    };
+    if outer6 {
+        let Some(ip) = check(ctx, l3, 40) else {
+            return (XDP_DROP, Reason::DropHelper);
+        };
+        let fl = entropy & 0xf_ffff;
+        let pl = (frame.ip_len + overhead - 40) as u16;
+        st32(ip, w(0x60 | (frame.tos >> 4), (frame.tos << 4) | (fl >> 16) as u8, (fl >> 8) as u8, fl as u8));
+        st32(ip + 4, w((pl >> 8) as u8, pl as u8, inner_proto, OUTER_TTL));
+        st32(ip + 8, cfg.src6[0]);
+        st32(ip + 12, cfg.src6[1]);
+        st32(ip + 16, cfg.src6[2]);
+        st32(ip + 20, (cfg.src6[3] & !cfg.src6_mask) | (entropy & cfg.src6_mask));
+        st32(ip + 24, be.addr[0]);
+        st32(ip + 28, be.addr[1]);
+        st32(ip + 32, be.addr[2]);
+        st32(ip + 36, be.addr[3]);
+    } else {
+        let Some(ip) = check(ctx, l3, 20) else {
+            return (XDP_DROP, Reason::DropHelper);
+        };
+        let tl = (frame.ip_len + overhead) as u16;
+        let w0 = w(0x45, frame.tos, (tl >> 8) as u8, tl as u8);
+        let w2 = w(OUTER_TTL, inner_proto, 0, 0);
+        let src = (cfg.src4 & !cfg.src4_mask) | (entropy & cfg.src4_mask);
+        let sum = w0 as u64 + w2 as u64 + src as u64 + be.addr[0] as u64;
+        let c = fold(sum).to_ne_bytes();
+        st32(ip, w0);
+        st32(ip + 4, 0);
+        st32(ip + 8, w(OUTER_TTL, inner_proto, c[0], c[1]));
+        st32(ip + 12, src);
+        st32(ip + 16, be.addr[0]);
+    }
+    if gue {
+        let Some(udp) = check(ctx, l3 + ip_hdr, 8) else {
+            return (XDP_DROP, Reason::DropHelper);
+        };
+        let sport = 0xc000 | (entropy & 0x3fff) as u16;
+        let ulen = (frame.ip_len + 8) as u16;
+        st32(udp, w((sport >> 8) as u8, sport as u8, (GUE_PORT >> 8) as u8, GUE_PORT as u8));
+        st32(udp + 4, w((ulen >> 8) as u8, ulen as u8, 0, 0));
+    }
+    (XDP_TX, ok)
+}
+
+/// Turn the frame into an ICMP fragmentation-needed (IPv4) or packet-too-big (IPv6) reply
+/// quoting the start of the original packet, and send it back where it came from.
+#[inline(always)]
+fn too_big(ctx: &XdpContext, frame: &Frame, mtu: u32) -> Verdict {
+    let v6 = frame.family == FAMILY_V6;
+    let (hdr, quote) = if v6 { (48usize, ICMP6_QUOTE as usize) } else { (28usize, ICMP4_QUOTE as usize) };
+    let l3 = frame.l3;
+    let Some(old) = check(ctx, 0, l3 + quote) else {
+        return (XDP_DROP, Reason::DropTooBig);
+    };
+    let (old_dst, old_src) = (Mac::load(old), Mac::load(old + 6));
+    let ip = old + l3;
+    let (mut src, mut dst) = ([0u32; 4], [0u32; 4]);
+    if v6 {
+        src = [ld32(ip + 8), ld32(ip + 12), ld32(ip + 16), ld32(ip + 20)];
+        dst = [ld32(ip + 24), ld32(ip + 28), ld32(ip + 32), ld32(ip + 36)];
+    } else {
+        src[0] = ld32(ip + 12);
+        dst[0] = ld32(ip + 16);
+    }
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(hdr as i32)) } != 0 {
+        return (XDP_DROP, Reason::DropHelper);
+    }
+    let want = (l3 + hdr + quote) as i32;
+    let have = (ctx.data_end() - ctx.data()) as i32;
+    if have > want && unsafe { bpf_xdp_adjust_tail(ctx.ctx, want - have) } != 0 {
+        return (XDP_DROP, Reason::DropHelper);
+    }
+    let Some(p) = check(ctx, 0, l3 + hdr + quote) else {
+        return (XDP_DROP, Reason::DropHelper);
+    };
+    // Ethernet (and VLAN tag) sit `hdr` bytes further in now: move, swapping the MACs.
+    old_src.store(p);
+    old_dst.store(p + 6);
+    st16(p + 12, ld16(p + hdr + 12));
+    if l3 == 18 {
+        st32(p + 14, ld32(p + hdr + 14));
+    }
+    let ip = p + l3;
+    let icmp = ip + hdr - 8;
+    let sum;
+    if v6 {
+        let pl = (8 + quote) as u16;
+        st32(ip, w(0x60, 0, 0, 0));
+        st32(ip + 4, w((pl >> 8) as u8, pl as u8, PROTO_ICMPV6, OUTER_TTL));
+        let mut i = 0;
+        while i < 4 {
+            st32(ip + 8 + 4 * i, dst[i]);
+            st32(ip + 24 + 4 * i, src[i]);
+            i += 1;
+        }
+        st32(icmp, w(2, 0, 0, 0));
+        st32(icmp + 4, mtu.to_be());
+        // Pseudo-header: addresses, upper-layer length, next header.
+        let mut s = (pl as u32).to_be() as u64 + (PROTO_ICMPV6 as u32).to_be() as u64;
+        let mut i = 0;
+        while i < 4 {
+            s += src[i] as u64 + dst[i] as u64;
+            i += 1;
+        }
+        sum = s;
+    } else {
+        let w0 = w(0x45, 0, 0, (20 + 8 + quote) as u8);
+        let w2 = w(OUTER_TTL, PROTO_ICMP, 0, 0);
+        let c = fold(w0 as u64 + w2 as u64 + src[0] as u64 + dst[0] as u64).to_ne_bytes();
+        st32(ip, w0);
+        st32(ip + 4, 0);
+        st32(ip + 8, w(OUTER_TTL, PROTO_ICMP, c[0], c[1]));
+        st32(ip + 12, dst[0]);
+        st32(ip + 16, src[0]);
+        st32(icmp, w(3, 4, 0, 0));
+        st32(icmp + 4, w(0, 0, (mtu >> 8) as u8, mtu as u8));
+        sum = 0;
+    }
+    let body = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, icmp as *mut u32, (8 + quote) as u32, 0) };
+    if body < 0 {
+        return (XDP_DROP, Reason::DropHelper);
+    }
+    st16(icmp + 2, fold(sum + (body as u64 & 0xffff_ffff)));
+    (XDP_TX, Reason::TxIcmpTooBig)
+}

@@ -1,0 +1,340 @@
+//! The `lb` packet path, top to bottom: parse, find the VIP, select the backend, forward.
+//! Each step returns the verdict with the one `Reason` it is counted under
+//! (`docs/dataplane.md` is the contract; the reference model in `tests/` checks it).
+use aya_ebpf::{bindings::xdp_action::*, programs::XdpContext};
+use lb_common::*;
+
+use crate::{
+    forward::{forward, Frame},
+    maps::{bump_counters, BACKENDS, BE_STATS, CONFIG, CONNS, RINGS, VIPS, VIP_ADDRS, VIP_STATS},
+    pkt::*,
+};
+
+pub type Verdict = (u32, Reason);
+
+const fn pass(r: Reason) -> Verdict {
+    (XDP_PASS, r)
+}
+const fn drop(r: Reason) -> Verdict {
+    (XDP_DROP, r)
+}
+
+#[inline(always)]
+pub fn lb(ctx: &XdpContext) -> Verdict {
+    let len = ctx.data_end() - ctx.data();
+    let Some(eth) = check(ctx, 0, 14) else {
+        return drop(Reason::DropTruncated);
+    };
+    let et = ld16(eth + 12);
+    if et == ETH_P_IP {
+        return ipv4(ctx, 14, len);
+    }
+    if et == ETH_P_IPV6 {
+        return ipv6(ctx, 14, len);
+    }
+    if et != ETH_P_8021Q {
+        return pass(Reason::PassNotIp);
+    }
+    let Some(tag) = check(ctx, 14, 4) else {
+        return drop(Reason::DropTruncated);
+    };
+    let et = ld16(tag + 2);
+    if et == ETH_P_IP {
+        return ipv4(ctx, 18, len);
+    }
+    if et == ETH_P_IPV6 {
+        return ipv6(ctx, 18, len);
+    }
+    pass(Reason::PassNotIp)
+}
+
+/// A fragment, ICMP or other protocol: ours only if the address carries a VIP.
+#[inline(always)]
+fn vip_address(addr: [u32; 4], family: u8) -> bool {
+    let key = AddrKey { addr, family, _pad: [0; 3] };
+    VIP_ADDRS.get_ptr(&key).is_some()
+}
+
+#[inline(always)]
+fn not_l4(addr: [u32; 4], family: u8, if_vip: Reason) -> Verdict {
+    if vip_address(addr, family) {
+        drop(if_vip)
+    } else {
+        pass(Reason::PassNotVip)
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, l3: usize, len: usize) -> Verdict {
+    let Some(ip) = check(ctx, l3, 20) else {
+        return drop(Reason::DropTruncated);
+    };
+    let vihl = ld8(ip);
+    // Masking IHL keeps every later offset provably under 60 bytes for the verifier.
+    let ihl = ((vihl & 0xf) as usize) << 2;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return drop(Reason::DropBadHeader);
+    }
+    if l3 + ihl > len {
+        return drop(Reason::DropTruncated);
+    }
+    let tot = u16::from_be(ld16(ip + 2)) as usize;
+    if tot < ihl || l3 + tot > len {
+        return drop(Reason::DropBadHeader);
+    }
+    let ip_end = l3 + tot;
+    let dst = [ld32(ip + 16), 0, 0, 0];
+    if u16::from_be(ld16(ip + 6)) & 0x3fff != 0 {
+        return not_l4(dst, FAMILY_V4, Reason::DropFragment);
+    }
+    let proto = ld8(ip + 9);
+    let l4 = l3 + ihl;
+    let frame = Frame {
+        l3,
+        len,
+        ip_len: tot,
+        tos: ld8(ip + 1),
+        df: ld8(ip + 6) & 0x40 != 0,
+        family: FAMILY_V4,
+    };
+    let src = [ld32(ip + 12), 0, 0, 0];
+    match proto {
+        PROTO_TCP | PROTO_UDP => l4_to_vip(ctx, &frame, src, dst, proto, l4, ip_end),
+        PROTO_ICMP => {
+            if !vip_address(dst, FAMILY_V4) {
+                return pass(Reason::PassNotVip);
+            }
+            icmp4(ctx, &frame, l4, ip_end)
+        }
+        _ => not_l4(dst, FAMILY_V4, Reason::DropUnsupported),
+    }
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, l3: usize, len: usize) -> Verdict {
+    let Some(ip) = check(ctx, l3, 40) else {
+        return drop(Reason::DropTruncated);
+    };
+    if ld8(ip) >> 4 != 6 {
+        return drop(Reason::DropBadHeader);
+    }
+    let ip_len = 40 + u16::from_be(ld16(ip + 4)) as usize;
+    if l3 + ip_len > len {
+        return drop(Reason::DropBadHeader);
+    }
+    let ip_end = l3 + ip_len;
+    let dst = [ld32(ip + 24), ld32(ip + 28), ld32(ip + 32), ld32(ip + 36)];
+    let next = ld8(ip + 6);
+    let frame = Frame {
+        l3,
+        len,
+        ip_len,
+        tos: ((ld8(ip) & 0xf) << 4) | (ld8(ip + 1) >> 4),
+        df: true,
+        family: FAMILY_V6,
+    };
+    match next {
+        PROTO_TCP | PROTO_UDP => {
+            let src = [ld32(ip + 8), ld32(ip + 12), ld32(ip + 16), ld32(ip + 20)];
+            l4_to_vip(ctx, &frame, src, dst, next, l3 + 40, ip_end)
+        }
+        PROTO_ICMPV6 => {
+            if !vip_address(dst, FAMILY_V6) {
+                return pass(Reason::PassNotVip);
+            }
+            icmp6(ctx, &frame, l3 + 40, ip_end)
+        }
+        44 => not_l4(dst, FAMILY_V6, Reason::DropFragment),
+        _ => not_l4(dst, FAMILY_V6, Reason::DropUnsupported),
+    }
+}
+
+/// TCP or UDP: the ports decide whether this is a VIP.
+#[inline(always)]
+fn l4_to_vip(
+    ctx: &XdpContext,
+    frame: &Frame,
+    src: [u32; 4],
+    dst: [u32; 4],
+    proto: u8,
+    l4: usize,
+    ip_end: usize,
+) -> Verdict {
+    let hdr = if proto == PROTO_TCP { 20 } else { 8 };
+    if l4 + hdr > ip_end {
+        return drop(Reason::DropTruncated);
+    }
+    let Some(p) = check(ctx, l4, 4) else {
+        return drop(Reason::DropTruncated);
+    };
+    let flow = FlowKey {
+        src,
+        dst,
+        sport: ld16(p),
+        dport: ld16(p + 2),
+        proto,
+        family: frame.family,
+        _pad: [0; 2],
+    };
+    let key = VipKey { addr: dst, port: flow.dport, proto, family: frame.family };
+    let Some(vip) = VIPS.get_ptr(&key) else {
+        return pass(Reason::PassNotVip);
+    };
+    to_backend(ctx, frame, &flow, unsafe { &*vip }, false)
+}
+
+/// ICMP error about a VIP flow: forward to the backend of the quoted flow.
+#[inline(always)]
+fn icmp4(ctx: &XdpContext, frame: &Frame, l4: usize, ip_end: usize) -> Verdict {
+    if l4 + 8 > ip_end {
+        return drop(Reason::DropTruncated);
+    }
+    let Some(icmp) = check(ctx, l4, 8) else {
+        return drop(Reason::DropTruncated);
+    };
+    let ty = ld8(icmp);
+    if ty != 3 && ty != 11 {
+        return drop(Reason::DropIcmp);
+    }
+    let inner = l4 + 8;
+    if inner + 20 > ip_end {
+        return drop(Reason::DropTruncated);
+    }
+    let Some(iip) = check(ctx, inner, 20) else {
+        return drop(Reason::DropTruncated);
+    };
+    let vihl = ld8(iip);
+    let ihl = ((vihl & 0xf) as usize) << 2;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return drop(Reason::DropBadHeader);
+    }
+    let proto = ld8(iip + 9);
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return drop(Reason::DropIcmp);
+    }
+    let isrc = [ld32(iip + 12), 0, 0, 0];
+    let idst = [ld32(iip + 16), 0, 0, 0];
+    quoted_flow(ctx, frame, isrc, idst, proto, inner + ihl, ip_end)
+}
+
+#[inline(always)]
+fn icmp6(ctx: &XdpContext, frame: &Frame, l4: usize, ip_end: usize) -> Verdict {
+    if l4 + 8 > ip_end {
+        return drop(Reason::DropTruncated);
+    }
+    let Some(icmp) = check(ctx, l4, 8) else {
+        return drop(Reason::DropTruncated);
+    };
+    let ty = ld8(icmp);
+    if !(1..=3).contains(&ty) {
+        return drop(Reason::DropIcmp);
+    }
+    let inner = l4 + 8;
+    if inner + 40 > ip_end {
+        return drop(Reason::DropTruncated);
+    }
+    let Some(iip) = check(ctx, inner, 40) else {
+        return drop(Reason::DropTruncated);
+    };
+    if ld8(iip) >> 4 != 6 {
+        return drop(Reason::DropBadHeader);
+    }
+    let proto = ld8(iip + 6);
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return drop(Reason::DropIcmp);
+    }
+    let isrc = [ld32(iip + 8), ld32(iip + 12), ld32(iip + 16), ld32(iip + 20)];
+    let idst = [ld32(iip + 24), ld32(iip + 28), ld32(iip + 32), ld32(iip + 36)];
+    quoted_flow(ctx, frame, isrc, idst, proto, inner + 40, ip_end)
+}
+
+/// The quoted packet went VIP → client; its reverse is the client's flow.
+#[inline(always)]
+fn quoted_flow(
+    ctx: &XdpContext,
+    frame: &Frame,
+    isrc: [u32; 4],
+    idst: [u32; 4],
+    proto: u8,
+    ports: usize,
+    ip_end: usize,
+) -> Verdict {
+    if ports + 4 > ip_end {
+        return drop(Reason::DropTruncated);
+    }
+    let Some(p) = check(ctx, ports, 4) else {
+        return drop(Reason::DropTruncated);
+    };
+    let (isport, idport) = (ld16(p), ld16(p + 2));
+    let key = VipKey { addr: isrc, port: isport, proto, family: frame.family };
+    let Some(vip) = VIPS.get_ptr(&key) else {
+        return drop(Reason::DropIcmp);
+    };
+    let flow = FlowKey {
+        src: idst,
+        dst: isrc,
+        sport: idport,
+        dport: isport,
+        proto,
+        family: frame.family,
+        _pad: [0; 2],
+    };
+    to_backend(ctx, frame, &flow, unsafe { &*vip }, true)
+}
+
+/// Connection table first, then the VIP's Maglev ring.
+#[inline(always)]
+fn to_backend(ctx: &XdpContext, frame: &Frame, flow: &FlowKey, vip: &VipMeta, icmp: bool) -> Verdict {
+    let Some(cfg) = CONFIG.get(0) else {
+        return drop(Reason::DropNoConfig);
+    };
+    let (id, be, new) = match select(flow, vip, cfg, !icmp) {
+        Ok(sel) => sel,
+        Err(r) => {
+            bump_counters(&VIP_STATS, vip.id, frame.len as u64, false);
+            return drop(r);
+        }
+    };
+    let new = new && !icmp;
+    bump_counters(&VIP_STATS, vip.id, frame.len as u64, new);
+    let verdict = forward(ctx, frame, flow, vip.forwarding, be, cfg, icmp);
+    if verdict.1 == Reason::TxForward || verdict.1 == Reason::TxIcmpForward {
+        bump_counters(&BE_STATS, id, frame.len as u64, new);
+    }
+    verdict
+}
+
+#[inline(always)]
+fn select<'a>(
+    flow: &FlowKey,
+    vip: &VipMeta,
+    cfg: &Config,
+    insert: bool,
+) -> Result<(u32, &'a Backend, bool), Reason> {
+    if let Some(conn) = CONNS.get_ptr(flow) {
+        let id = unsafe { (*conn).backend };
+        if let Some(be) = BACKENDS.get(id) {
+            if be.state == BACKEND_UP || be.state == BACKEND_DRAINING {
+                return Ok((id, be, false));
+            }
+        }
+    }
+    if vip.ring_size == 0 {
+        return Err(Reason::DropNoBackend);
+    }
+    let hash = flow_hash(cfg.hash_seed, flow, vip.flags & VIP_F_AFFINITY != 0);
+    let slot = vip.ring_base.wrapping_add(ring_slot(hash, vip.ring_size));
+    let Some(&id) = RINGS.get(slot) else {
+        return Err(Reason::DropNoBackend);
+    };
+    let Some(be) = BACKENDS.get(id) else {
+        return Err(Reason::DropNoBackend);
+    };
+    if be.state == BACKEND_EMPTY {
+        return Err(Reason::DropNoBackend);
+    }
+    if insert {
+        let _ = CONNS.insert(flow, ConnVal { backend: id, _pad: 0 }, 0);
+    }
+    Ok((id, be, true))
+}

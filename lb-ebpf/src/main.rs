@@ -1,0 +1,45 @@
+//! XDP programs of the load balancer. `lb` runs on the LB host's NIC; `decap` on backends;
+//! `pass` on veth peers that must accept XDP_TX frames; `floor` is the benchmark baseline.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod decap;
+mod forward;
+mod lb;
+mod maps;
+mod pkt;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+
+#[xdp]
+pub fn lb(ctx: XdpContext) -> u32 {
+    let (action, reason) = lb::lb(&ctx);
+    maps::bump_reason(&maps::STATS, reason as u32);
+    action
+}
+
+#[xdp]
+pub fn decap(ctx: XdpContext) -> u32 {
+    let (action, reason) = decap::decap(&ctx);
+    maps::bump_reason(&maps::DECAP_STATS, reason as u32);
+    action
+}
+
+/// Lets a veth accept frames redirected or transmitted to it by XDP on its peer.
+#[xdp]
+pub fn pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// The cheapest possible program: the benchmarks' floor.
+#[xdp]
+pub fn floor(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

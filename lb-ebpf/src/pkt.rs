@@ -1,0 +1,77 @@
+//! Bounds-checked packet access. Every read or write of packet memory goes through a
+//! `check` of the exact range first, so the verifier sees a proven bound on each access.
+//! Loads and stores are native-width (not byte-by-byte): x86's JIT and the verifier accept
+//! unaligned packet access, and byte loops would double the cost of the packet path.
+use aya_ebpf::programs::XdpContext;
+
+/// Address of `off..off+n` in the packet, or `None` if the frame is shorter.
+#[inline(always)]
+pub fn check(ctx: &XdpContext, off: usize, n: usize) -> Option<usize> {
+    let start = ctx.data();
+    if start + off + n > ctx.data_end() {
+        return None;
+    }
+    Some(start + off)
+}
+
+#[inline(always)]
+pub fn ld8(p: usize) -> u8 {
+    unsafe { *(p as *const u8) }
+}
+#[inline(always)]
+pub fn ld16(p: usize) -> u16 {
+    unsafe { *(p as *const u16) }
+}
+#[inline(always)]
+pub fn ld32(p: usize) -> u32 {
+    unsafe { *(p as *const u32) }
+}
+#[inline(always)]
+pub fn st16(p: usize, v: u16) {
+    unsafe { *(p as *mut u16) = v }
+}
+#[inline(always)]
+pub fn st32(p: usize, v: u32) {
+    unsafe { *(p as *mut u32) = v }
+}
+
+/// A MAC address as one 32-bit and one 16-bit word.
+#[derive(Clone, Copy)]
+pub struct Mac {
+    pub hi: u32,
+    pub lo: u16,
+}
+
+impl Mac {
+    #[inline(always)]
+    pub fn load(p: usize) -> Self {
+        Mac { hi: ld32(p), lo: ld16(p + 4) }
+    }
+    #[inline(always)]
+    pub fn from_bytes(b: &[u8; 6]) -> Self {
+        Mac {
+            hi: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            lo: u16::from_ne_bytes([b[4], b[5]]),
+        }
+    }
+    #[inline(always)]
+    pub fn is_zero(&self) -> bool {
+        self.hi == 0 && self.lo == 0
+    }
+    #[inline(always)]
+    pub fn store(&self, p: usize) {
+        st32(p, self.hi);
+        st16(p + 4, self.lo);
+    }
+}
+
+/// Raw (wire-order) ethertypes and bytes as native-endian words.
+pub const ETH_P_IP: u16 = 0x0800u16.to_be();
+pub const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
+pub const ETH_P_8021Q: u16 = 0x8100u16.to_be();
+
+/// Build a native-endian word from four wire bytes.
+#[inline(always)]
+pub const fn w(b0: u8, b1: u8, b2: u8, b3: u8) -> u32 {
+    u32::from_ne_bytes([b0, b1, b2, b3])
+}

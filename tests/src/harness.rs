@@ -1,0 +1,39 @@
+//! Runs the real XDP programs through `BPF_PROG_TEST_RUN` and mirrors map state into the
+//! reference model, so a test can say "this packet in, these bytes out, this reason".
+use anyhow::{Context, Result};
+use aya::programs::{TestRun, TestRunOptions};
+use lb_userspace::dataplane::{Dataplane, Sizes};
+
+/// Small maps: tests load many copies of the object.
+pub fn test_sizes() -> Sizes {
+    Sizes {
+        max_vips: 16,
+        max_backends: 256,
+        max_conns: 200_000,
+        ring_stride: 65537,
+    }
+}
+
+/// What a program did with one frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub action: u32,
+    pub frame: Vec<u8>,
+}
+
+pub fn run(dp: &mut Dataplane, prog: &str, frame: &[u8]) -> Result<Run> {
+    let mut out = vec![0u8; frame.len() + 512];
+    let prog = dp.program(prog)?;
+    let res = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    out.truncate(res.data_size_out as usize);
+    Ok(Run {
+        action: res.return_value,
+        frame: out,
+    })
+}

@@ -1,0 +1,91 @@
+//! `cargo xtask`: the project's entry points. `setup` installs what a fresh machine lacks,
+//! `test` runs the whole suite (what CI runs), `bench` prints the benchmark tables.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and benchmark the load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install Debian's rustc-web, LLVM and bpf-linker if missing (idempotent).
+    Setup,
+    /// Set up, then run every test (unit, BPF_PROG_TEST_RUN, namespaces). Needs root.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run the data-plane benchmark (prints a table).
+    Bench {
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("run as root: loading XDP programs and creating namespaces needs it");
+    }
+    run(Command::new("bash").arg(root().join("scripts/setup.sh")))
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Test { args } => {
+            setup()?;
+            run(Command::new(&cargo)
+                .current_dir(root())
+                .args(["test", "--workspace", "--release", "--"])
+                .args(["--test-threads", "2"])
+                .args(&args))
+        }
+        Cmd::Bench { args } => {
+            setup()?;
+            run(Command::new(&cargo)
+                .current_dir(root())
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "lb-bench",
+                    "--bin",
+                    "dataplane",
+                    "--",
+                ])
+                .args(&args))
+        }
+    }
+}
