@@ -724,15 +724,15 @@ fn decap_inner(f: &[u8]) -> Result<Option<Vec<u8>>, ()> {
         ethertype = be16(f, 16);
         l3 = 18;
     }
-    // spec: the outer version nibble is not checked (the ethertype decides the family);
-    // the outer length fields are not checked either.
+    // The outer version nibble must match the ethertype (else not ours: pass); the outer
+    // length fields are not checked.
     let (proto, l4) = match ethertype {
         0x0800 => {
             if l3 + 20 > len {
                 return Ok(None);
             }
             let ihl = usize::from(f[l3] & 0x0f);
-            if ihl < 5 || l3 + ihl * 4 > len {
+            if f[l3] >> 4 != 4 || ihl < 5 || l3 + ihl * 4 > len {
                 return Ok(None);
             }
             if be16(f, l3 + 6) & 0x3FFF != 0 {
@@ -741,7 +741,7 @@ fn decap_inner(f: &[u8]) -> Result<Option<Vec<u8>>, ()> {
             (f[l3 + 9], l3 + ihl * 4)
         }
         0x86DD => {
-            if l3 + 40 > len {
+            if l3 + 40 > len || f[l3] >> 4 != 6 {
                 return Ok(None);
             }
             (f[l3 + 6], l3 + 40)

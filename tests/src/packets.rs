@@ -264,15 +264,9 @@ impl Opts {
             source: src.octets(),
             destination: dst.octets(),
         };
-        let mut ext = Ipv6Extensions::default();
-        if self.ipv6_fragment {
-            ext.fragment = Some(Ipv6FragmentHeader::new(
-                IpNumber(255),
-                IpFragOffset::try_new(self.frag_offset).unwrap(),
-                self.more_fragments,
-                0x1234_5678,
-            ));
-        }
+        // A fragment header, if asked for, is spliced in by `finish` (etherparse's builder
+        // cannot write one in front of a transport header it also writes).
+        let ext = Ipv6Extensions::default();
         IpHeaders::Ipv6(h, ext)
     }
 
@@ -284,7 +278,17 @@ impl Opts {
         }
     }
 
-    fn finish(&self, ether_type: EtherType, ip_packet: Vec<u8>) -> Vec<u8> {
+    fn finish(&self, ether_type: EtherType, mut ip_packet: Vec<u8>) -> Vec<u8> {
+        if self.ipv6_fragment && ether_type == EtherType::IPV6 {
+            let next = ip_packet[6];
+            ip_packet[6] = 44;
+            let pl = u16::from_be_bytes([ip_packet[4], ip_packet[5]]) + 8;
+            ip_packet[4..6].copy_from_slice(&pl.to_be_bytes());
+            let off = (self.frag_offset << 3) | self.more_fragments as u16;
+            let o = off.to_be_bytes();
+            let frag = [next, 0, o[0], o[1], 0x12, 0x34, 0x56, 0x78];
+            ip_packet.splice(40..40, frag);
+        }
         let mut out = self.l2(ether_type);
         out.extend_from_slice(&ip_packet);
         out.resize(out.len() + self.padding, 0);
