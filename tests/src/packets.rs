@@ -13,8 +13,8 @@
 use etherparse::{
     icmpv4, icmpv6, EtherType, Ethernet2Header, Icmpv4Type, Icmpv6Type, IpFragOffset, IpHeaders,
     IpNumber, Ipv4Dscp, Ipv4Ecn, Ipv4Header, Ipv4HeaderSlice, Ipv4Options, Ipv6Extensions,
-    Ipv6FlowLabel, Ipv6FragmentHeader, Ipv6Header, Ipv6HeaderSlice, PacketBuilder,
-    SingleVlanHeader, UdpHeader, VlanId, VlanPcp,
+    Ipv6FlowLabel, Ipv6Header, Ipv6HeaderSlice, PacketBuilder, SingleVlanHeader, UdpHeader, VlanId,
+    VlanPcp,
 };
 use lb_common::{
     AddrKey, FlowKey, VipKey, FAMILY_V4, FAMILY_V6, GUE_PORT, OUTER_TTL, PROTO_TCP, PROTO_UDP,

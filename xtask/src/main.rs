@@ -25,6 +25,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Set up, then show the data plane at work on an embedded default configuration.
+    Demo,
     /// Set up, then run the data-plane benchmark (prints a table).
     Bench {
         #[arg(trailing_var_arg = true)]
@@ -71,6 +73,18 @@ fn main() -> Result<()> {
                 .args(["test", "--workspace", "--release", "--"])
                 .args(["--test-threads", "2"])
                 .args(&args))
+        }
+        Cmd::Demo => {
+            setup()?;
+            run(Command::new(&cargo).current_dir(root()).args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "lb-tests",
+                "--bin",
+                "demo",
+            ]))
         }
         Cmd::Bench { args } => {
             setup()?;
