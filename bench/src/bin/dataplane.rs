@@ -9,11 +9,10 @@ use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_tests::{
     fixture::{v4, v6, Fixture},
-    harness::test_sizes,
     model::Model,
     packets,
 };
-use lb_userspace::dataplane::Dataplane;
+use lb_userspace::dataplane::{Dataplane, Sizes};
 
 const DEFAULT_FLOWS: u32 = 20_000;
 /// Timed calls per fixture (at least).
@@ -70,75 +69,30 @@ fn flows(n: u32, client: impl Fn(u32) -> IpAddr, vip: IpAddr, syn: bool) -> Vec<
         .collect()
 }
 
-struct Row {
-    name: &'static str,
-    katran: Option<f64>,
-    target: Option<f64>,
-    ns: [f64; 2],
-}
-
-fn main() -> Result<()> {
-    let cpu = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1usize);
-    let nflows = std::env::args()
-        .nth(2)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_FLOWS);
-    pin_to_cpu(cpu)?;
-    let mut dp = Dataplane::load(test_sizes())?;
-    let fx = Fixture::standard();
+/// ns per packet for [floor, non-VIP, new, established, hot], IPv4 and IPv6, with a fresh
+/// data plane (1M-entry connection table, 65537-slot rings: production sizes).
+fn measure(nflows: u32) -> Result<[[f64; 2]; 5]> {
+    let mut dp = Dataplane::load(Sizes {
+        max_conns: 1 << 20,
+        ..Sizes::default()
+    })?;
+    let mut fx = Fixture::standard();
+    fx.ring_size = lb_common::DEFAULT_RING_SIZE;
     fx.apply(&mut dp, &mut Model::default())?;
-
-    let mut rows = vec![
-        Row {
-            name: "floor (XDP_TX only)",
-            katran: Some(1.0),
-            target: None,
-            ns: [0.0; 2],
-        },
-        Row {
-            name: "non-VIP packet",
-            katran: Some(1.8),
-            target: Some(1.5),
-            ns: [0.0; 2],
-        },
-        Row {
-            name: "new flow (SYN, distinct flows)",
-            katran: Some(6.9),
-            target: Some(4.5),
-            ns: [0.0; 2],
-        },
-        Row {
-            name: "established (ACK, same flows)",
-            katran: Some(4.0),
-            target: Some(2.8),
-            ns: [0.0; 2],
-        },
-        Row {
-            name: "hot flow (one flow)",
-            katran: Some(3.1),
-            target: Some(2.3),
-            ns: [0.0; 2],
-        },
-    ];
-    for (fam, (client, vip, other)) in [
+    let mut out = [[0.0; 2]; 5];
+    let families: [(Box<dyn Fn(u32) -> IpAddr>, IpAddr, IpAddr); 2] = [
         (
-            Box::new(|i: u32| v4(100 + (i >> 16) as u8, (i >> 8) as u8))
-                as Box<dyn Fn(u32) -> IpAddr>,
+            Box::new(|i| v4(100 + (i >> 16) as u8, (i >> 8) as u8)),
             v4(10, 1),
             v4(30, 1),
         ),
         (
-            Box::new(|i: u32| v6(100 + (i >> 8) as u16, i as u16)) as Box<dyn Fn(u32) -> IpAddr>,
+            Box::new(|i| v6(100 + (i >> 8) as u16, i as u16)),
             v6(10, 1),
             v6(30, 1),
         ),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    ];
+    for (fam, (client, vip, other)) in families.into_iter().enumerate() {
         let syns = flows(nflows, &client, vip, true);
         let acks = flows(nflows, &client, vip, false);
         let non_vip: Vec<Vec<u8>> = (0..CALLS)
@@ -153,41 +107,83 @@ fn main() -> Result<()> {
             .cloned()
             .collect();
         let floor = time_frames(&mut dp, "floor", &acks)?;
-        // Warm the non-VIP path once, then measure.
-        time_frames(&mut dp, "lb", &non_vip[..1000])?;
+        time_frames(&mut dp, "lb", &non_vip[..1000])?; // warm-up
         let nv = time_frames(&mut dp, "lb", &non_vip)?;
         let new = time_frames(&mut dp, "lb", &syns)?;
         let est = time_frames(&mut dp, "lb", &acks)?;
         let hot_ns = time_frames(&mut dp, "lb", &hot)?;
-        for (row, v) in rows.iter_mut().zip([floor, nv, new, est, hot_ns]) {
-            row.ns[fam] = median(v);
+        for (row, v) in out.iter_mut().zip([floor, nv, new, est, hot_ns]) {
+            row[fam] = median(v);
         }
     }
+    Ok(out)
+}
 
-    println!("lb XDP program, BPF_PROG_TEST_RUN repeat=1, median over >= {CALLS} calls per fixture, {nflows} flows, CPU {cpu}");
+fn main() -> Result<()> {
+    let cpu = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1usize);
+    let nflows = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_FLOWS);
+    pin_to_cpu(cpu)?;
+    let rows = [
+        ("floor (XDP_TX only)", Some(1.0), None),
+        ("non-VIP packet", Some(1.8), Some(1.5)),
+        ("new flow (SYN, distinct flows)", Some(6.9), Some(4.5)),
+        ("established (ACK, same flows)", Some(4.0), Some(2.8)),
+        ("hot flow (one flow)", Some(3.1), Some(2.3)),
+    ];
+    let ns = measure(nflows)?;
     println!(
-        "{:<30} {:>9} {:>7} {:>9} {:>7} {:>8} {:>8}",
+        "lb XDP program, BPF_PROG_TEST_RUN repeat=1, median over >= {CALLS} calls per fixture, \
+         {nflows} flows, 1M-entry connection table, 65537-slot rings, CPU {cpu}"
+    );
+    println!(
+        "{:<32} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}",
         "fixture", "IPv4 ns", "x floor", "IPv6 ns", "x floor", "Katran", "target"
     );
-    let floor = rows[0].ns;
-    for r in &rows {
-        let x = |f: usize| r.ns[f] / floor[f];
+    let floor = ns[0];
+    for ((name, katran, target), v) in rows.iter().zip(ns) {
+        let x = |f: usize| v[f] / floor[f];
         let opt = |o: Option<f64>| o.map(|v| format!("{v:.1}x")).unwrap_or_else(|| "-".into());
-        let verdict = match r.target {
-            Some(t) if x(0) <= t && x(1) <= t => " ok",
-            Some(_) => " MISSED",
+        let verdict = match target {
+            Some(t) if x(0) <= *t && x(1) <= *t => " met",
+            Some(_) => " missed",
             None => "",
         };
         println!(
-            "{:<30} {:>9.0} {:>6.2}x {:>9.0} {:>6.2}x {:>8} {:>8}{}",
-            r.name,
-            r.ns[0],
+            "{:<32} {:>8.0} {:>7.2}x {:>8.0} {:>7.2}x {:>7} {:>7}{}",
+            name,
+            v[0],
             x(0),
-            r.ns[1],
+            v[1],
             x(1),
-            opt(r.katran),
-            opt(r.target),
+            opt(*katran),
+            opt(*target),
             verdict
+        );
+    }
+
+    // Where the time of new and established flows goes: the same program, growing numbers
+    // of flows. The compute cost is the 200-flow row; the rest is the connection table's
+    // buckets and entries falling out of the CPU caches and TLB.
+    println!("\nnew / established cost by number of flows (IPv4, IPv6 ns):");
+    println!(
+        "{:>8} {:>10} {:>10} {:>10} {:>10}",
+        "flows", "new v4", "new v6", "est v4", "est v6"
+    );
+    for n in [200u32, 2_000, 20_000, 200_000] {
+        let v = measure(n)?;
+        println!(
+            "{:>8} {:>10.0} {:>9.2}x {:>10.0} {:>9.2}x",
+            n,
+            v[3][0],
+            v[3][0] / v[0][0],
+            v[3][1],
+            v[3][1] / v[0][1]
         );
     }
     Ok(())
