@@ -1,6 +1,10 @@
 //! Loading the XDP object and writing its maps. One home for every map handle, so the
 //! agent, the tests and the benchmarks all drive the data plane the same way.
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    path::Path,
+};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
@@ -76,12 +80,42 @@ pub struct Dataplane {
     pub vip_stats: PerCpuArray<MapData, Counters>,
     pub be_stats: PerCpuArray<MapData, Counters>,
     pub decap_stats: PerCpuArray<MapData, u64>,
+    /// A second handle on `RINGS` for batch updates (aya 0.14 has no batch API).
+    rings_fd: OwnedFd,
 }
+
+/// Every map of the object, by the name it is pinned under.
+pub const MAP_NAMES: [&str; 10] = [
+    "VIPS",
+    "VIP_ADDRS",
+    "RINGS",
+    "BACKENDS",
+    "CONNS",
+    "CONFIG",
+    "STATS",
+    "VIP_STATS",
+    "BE_STATS",
+    "DECAP_STATS",
+];
 
 impl Dataplane {
     /// Load the object with the given capacities and load (verify) every program.
     pub fn load(sizes: Sizes) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
+        Self::load_pinned(sizes, None)
+    }
+
+    /// As [`Dataplane::load`], with every map pinned under `pin_dir`: maps already pinned
+    /// there are reused as they are (contents and sizes), the others are created and pinned.
+    pub fn load_pinned(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, std::path::PathBuf)> = match pin_dir {
+            Some(d) => MAP_NAMES.iter().map(|n| (*n, d.join(n))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .map_max_entries("VIPS", sizes.max_vips)
             .map_max_entries("VIP_ADDRS", sizes.max_vips)
             .map_max_entries("VIP_STATS", sizes.max_vips)
@@ -103,10 +137,30 @@ impl Dataplane {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from object"))
         }
+        let rings = take(&mut ebpf, "RINGS")?;
+        let rings_fd = match &rings {
+            aya::maps::Map::Array(d) => d.fd().as_fd().try_clone_to_owned()?,
+            _ => bail!("RINGS is not an array"),
+        };
+        // A reused (pinned) map keeps its own sizes: report those.
+        let sizes = Sizes {
+            ring_stride: match &rings {
+                aya::maps::Map::Array(d) => {
+                    let n = d.info()?.max_entries();
+                    if n % (sizes.max_vips * RINGS_PER_VIP) != 0 {
+                        bail!("pinned RINGS has {n} entries, not a multiple of 2 x max_vips");
+                    }
+                    n / (sizes.max_vips * RINGS_PER_VIP)
+                }
+                _ => sizes.ring_stride,
+            },
+            ..sizes
+        };
         Ok(Dataplane {
+            rings_fd,
             vips: HashMap::try_from(take(&mut ebpf, "VIPS")?)?,
             vip_addrs: HashMap::try_from(take(&mut ebpf, "VIP_ADDRS")?)?,
-            rings: Array::try_from(take(&mut ebpf, "RINGS")?)?,
+            rings: Array::try_from(rings)?,
             backends: Array::try_from(take(&mut ebpf, "BACKENDS")?)?,
             conns: HashMap::try_from(take(&mut ebpf, "CONNS")?)?,
             config: Array::try_from(take(&mut ebpf, "CONFIG")?)?,
@@ -143,7 +197,8 @@ impl Dataplane {
     }
 
     /// Write `ring` into ring buffer `which` (0 or 1) of VIP `vip_id`; returns its base index.
-    /// The ring is not live until a `VipMeta` naming that base is written.
+    /// The ring is not live until a `VipMeta` naming that base is written. One
+    /// `BPF_MAP_UPDATE_BATCH` call for the whole ring, not one syscall per slot.
     pub fn write_ring(&mut self, vip_id: u32, which: u32, ring: &[u32]) -> Result<u32> {
         if ring.len() as u64 > self.sizes.ring_stride as u64 {
             bail!(
@@ -152,10 +207,12 @@ impl Dataplane {
                 self.sizes.ring_stride
             );
         }
-        let base = (vip_id * RINGS_PER_VIP + which) * self.sizes.ring_stride;
-        for (i, id) in ring.iter().enumerate() {
-            self.rings.set(base + i as u32, id, 0)?;
+        if vip_id >= self.sizes.max_vips || which >= RINGS_PER_VIP {
+            bail!("ring {which} of VIP id {vip_id} is outside RINGS");
         }
+        let base = (vip_id * RINGS_PER_VIP + which) * self.sizes.ring_stride;
+        let keys: Vec<u32> = (base..base + ring.len() as u32).collect();
+        update_batch(&self.rings_fd, &keys, ring).context("writing RINGS")?;
         Ok(base)
     }
 
@@ -219,4 +276,49 @@ fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
         bytes: a.bytes + c.bytes,
         new_flows: a.new_flows + c.new_flows,
     })
+}
+
+/// `BPF_MAP_UPDATE_BATCH` of `u32 → u32` pairs (kernel 5.6+, arrays and hashes).
+fn update_batch(map: &OwnedFd, keys: &[u32], values: &[u32]) -> Result<()> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    assert_eq!(keys.len(), values.len());
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (keys.len() - done) as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if attr.count == 0 {
+                return Err(e.into());
+            }
+        }
+        // On success or partial progress the kernel reports how many it wrote.
+        done += attr.count as usize;
+    }
+    Ok(())
 }

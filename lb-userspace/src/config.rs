@@ -1,0 +1,572 @@
+//! The agent's configuration file: parsing, validation with messages that name the field,
+//! and atomic write-back (temporary file, fsync, rename) for changes made through the CLI.
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    io::Write,
+    net::IpAddr,
+    path::Path,
+};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::maglev::{is_prime, next_prime};
+
+pub const MAX_WEIGHT: u32 = 10_000;
+pub const DEFAULT_WEIGHT: u32 = 100;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub agent: AgentConfig,
+    #[serde(default, rename = "vip", skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<VipConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Driver mode only: fail if the driver cannot.
+    #[default]
+    Native,
+    /// Generic (skb) mode.
+    Skb,
+    /// Native, falling back to generic.
+    Auto,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The NIC the `lb` program is attached to.
+    pub interface: String,
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+    /// Seed of the flow hash: the same on every LB host behind one ECMP group.
+    #[serde(default = "default_seed")]
+    pub hash_seed: u32,
+    /// Maglev ring size of every VIP: a prime, at least 100 x the largest backend count.
+    #[serde(default = "default_ring_size")]
+    pub ring_size: u32,
+    #[serde(default = "default_max_vips")]
+    pub max_vips: u32,
+    #[serde(default = "default_max_backends")]
+    pub max_backends: u32,
+    #[serde(default = "default_max_conns")]
+    pub max_conns: u32,
+    /// MTU the encapsulated packets must fit; default: the interface's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Next hop for backends without a `mac` of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_mac: Option<String>,
+    /// Outer IPv4 source of encapsulated packets, as a prefix: its host bits carry flow
+    /// entropy, e.g. "198.18.255.0/24". Required if a VIP encapsulates to IPv4 backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encap_source_v4: Option<String>,
+    /// Same for IPv6, e.g. "2001:db8:ff::/112" (entropy in at most the low 32 bits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encap_source_v6: Option<String>,
+}
+
+fn default_seed() -> u32 {
+    0x1b_5eed
+}
+fn default_ring_size() -> u32 {
+    lb_common::DEFAULT_RING_SIZE
+}
+fn default_max_vips() -> u32 {
+    lb_common::MAX_VIPS
+}
+fn default_max_backends() -> u32 {
+    lb_common::MAX_BACKENDS
+}
+fn default_max_conns() -> u32 {
+    1 << 20
+}
+fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
+}
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    #[default]
+    Ipip,
+    Gue,
+    L2dsr,
+}
+
+impl Forwarding {
+    pub fn to_common(self) -> lb_common::Forwarding {
+        match self {
+            Forwarding::Ipip => lb_common::Forwarding::Ipip,
+            Forwarding::Gue => lb_common::Forwarding::Gue,
+            Forwarding::L2dsr => lb_common::Forwarding::L2Dsr,
+        }
+    }
+}
+
+impl fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Forwarding::Ipip => "ipip",
+            Forwarding::Gue => "gue",
+            Forwarding::L2dsr => "l2dsr",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipConfig {
+    pub name: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    /// Hash only the client address: every flow of a client lands on one backend.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub affinity: bool,
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub address: IpAddr,
+    /// Share of new flows, relative to the VIP's other backends; 0 takes no new flows.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Draining: keeps its established flows, gets no new ones.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub drain: bool,
+    /// Next-hop MAC of this backend (else `agent.gateway_mac`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl BackendConfig {
+    /// Takes new flows.
+    pub fn active(&self) -> bool {
+        !self.drain && self.weight > 0
+    }
+}
+
+/// A validation failure: the field's path and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, FieldError> {
+    Err(FieldError {
+        field: field.into(),
+        reason: reason.into(),
+    })
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// "198.18.255.0/24" → (address, prefix length).
+pub fn parse_prefix(s: &str) -> Option<(IpAddr, u8)> {
+    let (a, l) = s.split_once('/')?;
+    let addr: IpAddr = a.parse().ok()?;
+    let len: u8 = l.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (len <= max).then_some((addr, len))
+}
+
+impl Config {
+    pub fn parse(text: &str) -> Result<Config> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<Config> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Write atomically: a temporary file beside the target, fsync, rename, fsync the dir.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = toml::to_string_pretty(self)?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(
+            ".{}.tmp{}",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("lb.toml"),
+            std::process::id()
+        ));
+        {
+            let mut f = std::fs::File::create(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            f.write_all(b"# Written by the lb agent; edit freely, then `kill -HUP` it.\n")?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    pub fn vip(&self, name: &str) -> Option<&VipConfig> {
+        self.vips.iter().find(|v| v.name == name)
+    }
+
+    pub fn vip_mut(&mut self, name: &str) -> Option<&mut VipConfig> {
+        self.vips.iter_mut().find(|v| v.name == name)
+    }
+
+    /// Every rule a running agent relies on. The error names the first offending field.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let a = &self.agent;
+        if a.interface.is_empty() {
+            return err("agent.interface", "must name a network interface");
+        }
+        if !is_prime(a.ring_size) {
+            return err(
+                "agent.ring_size",
+                format!(
+                    "{} is not prime (the next prime is {})",
+                    a.ring_size,
+                    next_prime(a.ring_size.min(u32::MAX - 1000))
+                ),
+            );
+        }
+        if a.ring_size > 1 << 22 {
+            return err(
+                "agent.ring_size",
+                format!("{} is larger than the maximum {}", a.ring_size, 1 << 22),
+            );
+        }
+        for (field, v, lo, hi) in [
+            ("agent.max_vips", a.max_vips, 1, 4096),
+            ("agent.max_backends", a.max_backends, 1, 1 << 16),
+            ("agent.max_conns", a.max_conns, 1024, 1 << 27),
+        ] {
+            if v < lo || v > hi {
+                return err(field, format!("{v} is out of range {lo}..={hi}"));
+            }
+        }
+        if let Some(m) = a.mtu {
+            if !(576..=9216).contains(&m) {
+                return err("agent.mtu", format!("{m} is out of range 576..=9216"));
+            }
+        }
+        if let Some(m) = &a.gateway_mac {
+            if parse_mac(m).is_none() {
+                return err(
+                    "agent.gateway_mac",
+                    format!("{m:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
+                );
+            }
+        }
+        for (field, v, six) in [
+            ("agent.encap_source_v4", &a.encap_source_v4, false),
+            ("agent.encap_source_v6", &a.encap_source_v6, true),
+        ] {
+            if let Some(p) = v {
+                match parse_prefix(p) {
+                    Some((addr, len)) if addr.is_ipv6() == six => {
+                        if six && len < 96 {
+                            return err(field, format!("/{len}: at most the low 32 bits can carry entropy (use /96 or longer)"));
+                        }
+                    }
+                    _ => {
+                        return err(
+                            field,
+                            format!(
+                                "{p:?} is not an IPv{} prefix like {}",
+                                if six { 6 } else { 4 },
+                                if six {
+                                    "2001:db8:ff::/112"
+                                } else {
+                                    "198.18.255.0/24"
+                                }
+                            ),
+                        )
+                    }
+                }
+            }
+        }
+        if self.vips.len() > a.max_vips as usize {
+            return err(
+                "vip",
+                format!(
+                    "{} VIPs exceed agent.max_vips = {}",
+                    self.vips.len(),
+                    a.max_vips
+                ),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut keys = HashMap::new();
+        let mut backends = HashSet::new();
+        for v in &self.vips {
+            let at = format!("vip[{}]", v.name);
+            if v.name.is_empty()
+                || v.name.len() > 64
+                || !v
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return err(
+                    format!("{at}.name"),
+                    "must be 1-64 characters of [A-Za-z0-9-_.]",
+                );
+            }
+            if !names.insert(&v.name) {
+                return err(format!("{at}.name"), "duplicate VIP name");
+            }
+            if v.port == 0 {
+                return err(format!("{at}.port"), "must be 1-65535");
+            }
+            if let Some(other) = keys.insert((v.address, v.port, v.protocol), &v.name) {
+                return err(
+                    at,
+                    format!(
+                        "{} {}:{} is already VIP {other:?}",
+                        v.protocol, v.address, v.port
+                    ),
+                );
+            }
+            let mut addrs = HashSet::new();
+            let mut active = 0;
+            for (i, b) in v.backends.iter().enumerate() {
+                let bat = format!("{at}.backends[{i}]");
+                if !addrs.insert(b.address) {
+                    return err(
+                        format!("{bat}.address"),
+                        format!("duplicate backend {}", b.address),
+                    );
+                }
+                if b.weight > MAX_WEIGHT {
+                    return err(
+                        format!("{bat}.weight"),
+                        format!("{} is out of range 0..={MAX_WEIGHT}", b.weight),
+                    );
+                }
+                if v.address.is_ipv6() && b.address.is_ipv4() && v.forwarding == Forwarding::Ipip {
+                    return err(format!("{bat}.address"), "ipip cannot carry an IPv6 VIP to an IPv4 backend (use gue or an IPv6 backend)");
+                }
+                if v.forwarding == Forwarding::L2dsr && v.address.is_ipv4() != b.address.is_ipv4() {
+                    return err(
+                        format!("{bat}.address"),
+                        "l2dsr needs a backend of the VIP's address family",
+                    );
+                }
+                match &b.mac {
+                    Some(m) if parse_mac(m).is_none() => {
+                        return err(
+                            format!("{bat}.mac"),
+                            format!("{m:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
+                        );
+                    }
+                    None if a.gateway_mac.is_none() => {
+                        return err(
+                            format!("{bat}.mac"),
+                            "required when agent.gateway_mac is not set",
+                        );
+                    }
+                    _ => {}
+                }
+                if v.forwarding != Forwarding::L2dsr {
+                    let (field, src) = if b.address.is_ipv4() {
+                        ("agent.encap_source_v4", &a.encap_source_v4)
+                    } else {
+                        ("agent.encap_source_v6", &a.encap_source_v6)
+                    };
+                    if src.is_none() {
+                        return err(
+                            field,
+                            format!("required: {at} encapsulates to {}", b.address),
+                        );
+                    }
+                }
+                active += b.active() as u32;
+                backends.insert(b.address);
+            }
+            if active as u64 * 10 > a.ring_size as u64 {
+                return err(
+                    "agent.ring_size",
+                    format!(
+                        "{} is too small for the {active} backends of {at}",
+                        a.ring_size
+                    ),
+                );
+            }
+        }
+        if backends.len() > a.max_backends as usize {
+            return err(
+                "vip",
+                format!(
+                    "{} distinct backends exceed agent.max_backends = {}",
+                    backends.len(),
+                    a.max_backends
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Reject anything but a structurally valid config with the exact error text.
+pub fn check(cfg: &Config) -> Result<()> {
+    match cfg.validate() {
+        Ok(()) => Ok(()),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[agent]
+interface = "eth0"
+gateway_mac = "02:00:00:00:00:fe"
+encap_source_v4 = "198.18.255.0/24"
+encap_source_v6 = "2001:db8:ff::/112"
+
+[[vip]]
+name = "web"
+address = "198.18.10.1"
+port = 80
+protocol = "tcp"
+backends = [
+  { address = "198.18.20.11", weight = 100 },
+  { address = "198.18.20.12", weight = 50, mac = "02:00:00:00:20:0c" },
+]
+"#;
+
+    fn with(f: impl FnOnce(&mut Config)) -> String {
+        let mut c = Config::parse(GOOD).unwrap();
+        f(&mut c);
+        c.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_good_config_round_trips_through_save() {
+        let c = Config::parse(GOOD).unwrap();
+        let dir = std::env::temp_dir().join(format!("lbcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("lb.toml");
+        c.save(&p).unwrap();
+        assert_eq!(Config::load(&p).unwrap(), c);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let e = Config::parse(&GOOD.replace("port = 80", "port = 80\nprot = 1")).unwrap_err();
+        assert!(format!("{e:#}").contains("prot"), "{e:#}");
+    }
+
+    #[test]
+    fn each_bad_value_names_its_field() {
+        assert!(
+            with(|c| c.agent.ring_size = 65536).starts_with("agent.ring_size: 65536 is not prime")
+        );
+        assert!(with(|c| c.vips[0].backends[0].weight = 10_001)
+            .starts_with("vip[web].backends[0].weight"));
+        assert!(
+            with(|c| c.vips[0].backends[1].address = c.vips[0].backends[0].address)
+                .starts_with("vip[web].backends[1].address: duplicate")
+        );
+        assert!(with(|c| {
+            let v = c.vips[0].clone();
+            c.vips.push(VipConfig {
+                name: "web2".into(),
+                ..v
+            })
+        })
+        .contains("already VIP \"web\""));
+        assert!(with(|c| {
+            let v = c.vips[0].clone();
+            c.vips.push(VipConfig { port: 81, ..v })
+        })
+        .starts_with("vip[web].name: duplicate"));
+        assert!(with(|c| {
+            c.vips[0].address = "2001:db8::1".parse().unwrap();
+        })
+        .contains("ipip cannot carry an IPv6 VIP to an IPv4 backend"));
+        assert!(
+            with(|c| c.agent.gateway_mac = None).starts_with("vip[web].backends[0].mac: required")
+        );
+        assert!(with(|c| c.agent.gateway_mac = Some("zz".into())).starts_with("agent.gateway_mac"));
+        assert!(
+            with(|c| c.agent.encap_source_v4 = None).starts_with("agent.encap_source_v4: required")
+        );
+        assert!(with(|c| c.agent.max_vips = 0).starts_with("agent.max_vips"));
+        assert!(with(|c| {
+            c.agent.max_backends = 1;
+        })
+        .contains("exceed agent.max_backends"));
+        assert!(with(|c| c.vips[0].port = 0).starts_with("vip[web].port"));
+    }
+}
