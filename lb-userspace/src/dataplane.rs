@@ -216,6 +216,11 @@ impl Dataplane {
         Ok(base)
     }
 
+    /// Read `len` slots of RINGS from `base` (one `BPF_MAP_LOOKUP_BATCH` call or a few).
+    pub fn read_ring(&self, base: u32, len: u32) -> Result<Vec<u32>> {
+        lookup_batch(&self.rings_fd, base, len).context("reading RINGS")
+    }
+
     /// Make a VIP live (or update it: one hash-map update, atomic for readers).
     pub fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
         self.vips.insert(key, meta, 0).context("writing VIPS")?;
@@ -278,20 +283,70 @@ fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
     })
 }
 
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` of array slots `base..base+len`.
+fn lookup_batch(map: &OwnedFd, base: u32, len: u32) -> Result<Vec<u32>> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let mut values = vec![0u32; len as usize];
+    let mut keys = vec![0u32; len as usize];
+    let mut done = 0usize;
+    // The batch cursor resumes after the key in `in_batch`.
+    let mut cursor = base.wrapping_sub(1);
+    while done < len as usize {
+        let mut out = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: if done == 0 && base == 0 {
+                0
+            } else {
+                &cursor as *const u32 as u64
+            },
+            out_batch: &mut out as *mut u32 as u64,
+            keys: keys[done..].as_mut_ptr() as u64,
+            values: values[done..].as_mut_ptr() as u64,
+            count: (len as usize - done) as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        if attr.count == 0 {
+            r?;
+            bail!("RINGS ended before slot {}", base as usize + done);
+        }
+        done += attr.count as usize;
+        cursor = out;
+    }
+    Ok(values)
+}
+
 /// `BPF_MAP_UPDATE_BATCH` of `u32 → u32` pairs (kernel 5.6+, arrays and hashes).
 fn update_batch(map: &OwnedFd, keys: &[u32], values: &[u32]) -> Result<()> {
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     assert_eq!(keys.len(), values.len());
     let mut done = 0;
@@ -303,21 +358,11 @@ fn update_batch(map: &OwnedFd, keys: &[u32], values: &[u32]) -> Result<()> {
             map_fd: map.as_raw_fd() as u32,
             ..Default::default()
         };
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            if attr.count == 0 {
-                return Err(e.into());
-            }
-        }
+        let r = bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr);
         // On success or partial progress the kernel reports how many it wrote.
+        if attr.count == 0 {
+            r?;
+        }
         done += attr.count as usize;
     }
     Ok(())

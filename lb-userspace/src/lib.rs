@@ -1,5 +1,9 @@
 //! The userspace side of the load balancer: loading the XDP object and driving its maps
-//! ([`dataplane`]), and building Maglev rings ([`maglev`]).
+//! ([`dataplane`]), Maglev rings ([`maglev`]), the agent's config ([`config`]), turning a
+//! config into map contents ([`reconcile`]), the agent ([`agent`]) and its API ([`api`]).
+pub mod agent;
+pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod maglev;
+pub mod reconcile;

@@ -69,6 +69,9 @@ fn flows(n: u32, client: impl Fn(u32) -> IpAddr, vip: IpAddr, syn: bool) -> Vec<
         .collect()
 }
 
+/// Client address of flow `i`.
+type ClientFn = Box<dyn Fn(u32) -> IpAddr>;
+
 /// ns per packet for [floor, non-VIP, new, established, hot], IPv4 and IPv6, with a fresh
 /// data plane (1M-entry connection table, 65537-slot rings: production sizes).
 fn measure(nflows: u32) -> Result<[[f64; 2]; 5]> {
@@ -80,7 +83,7 @@ fn measure(nflows: u32) -> Result<[[f64; 2]; 5]> {
     fx.ring_size = lb_common::DEFAULT_RING_SIZE;
     fx.apply(&mut dp, &mut Model::default())?;
     let mut out = [[0.0; 2]; 5];
-    let families: [(Box<dyn Fn(u32) -> IpAddr>, IpAddr, IpAddr); 2] = [
+    let families: [(ClientFn, IpAddr, IpAddr); 2] = [
         (
             Box::new(|i| v4(100 + (i >> 16) as u8, (i >> 8) as u8)),
             v4(10, 1),

@@ -1,0 +1,291 @@
+//! Turning a validated [`Config`] into map contents with the fewest changes: ids are kept
+//! for VIPs and backends that already exist (also across an agent restart, when they are
+//! read back from the pinned maps), rings are rebuilt only when their input changed and are
+//! swapped in by writing the idle buffer and then flipping the VIP's entry.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use anyhow::{anyhow, Context, Result};
+use lb_common::*;
+
+use crate::{
+    config::{parse_mac, parse_prefix, Config, VipConfig},
+    dataplane::{addr_raw, port_raw, Dataplane},
+    maglev::{self, MaglevInput},
+};
+
+/// What the agent last wrote for one VIP.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppliedVip {
+    pub name: String,
+    pub meta: VipMeta,
+    /// The live ring as backend ids (read back from RINGS when adopted).
+    pub ring: Option<Vec<u32>>,
+}
+
+/// The agent's record of the maps' contents.
+#[derive(Clone, Debug, Default)]
+pub struct Applied {
+    pub backends: BTreeMap<IpAddr, (u32, Backend)>,
+    pub vips: HashMap<VipKey, AppliedVip>,
+    pub config: Option<Config>,
+}
+
+/// What a reconcile changed, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub vips_added: Vec<String>,
+    pub vips_updated: Vec<String>,
+    pub vips_removed: usize,
+    pub backends_added: Vec<IpAddr>,
+    pub backends_removed: Vec<IpAddr>,
+    pub rings_rebuilt: usize,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
+pub fn vip_key(v: &VipConfig) -> VipKey {
+    let (addr, family) = addr_raw(v.address);
+    VipKey {
+        addr,
+        port: port_raw(v.port),
+        proto: v.protocol.number(),
+        family,
+    }
+}
+
+fn ip_of(addr: [u32; 4], family: u8) -> IpAddr {
+    let b = |w: u32| w.to_ne_bytes();
+    if family == FAMILY_V6 {
+        let mut o = [0u8; 16];
+        for i in 0..4 {
+            o[4 * i..4 * i + 4].copy_from_slice(&b(addr[i]));
+        }
+        IpAddr::from(o)
+    } else {
+        IpAddr::from(b(addr[0]))
+    }
+}
+
+/// Read back what an earlier agent left in pinned maps.
+pub fn adopt(dp: &Dataplane) -> Result<Applied> {
+    let mut applied = Applied::default();
+    for id in 0..dp.sizes.max_backends {
+        let be = dp.backends.get(&id, 0)?;
+        if be.state != BACKEND_EMPTY {
+            applied.backends.insert(ip_of(be.addr, be.family), (id, be));
+        }
+    }
+    for kv in dp.vips.iter() {
+        let (key, meta) = kv?;
+        let ring = dp.read_ring(meta.ring_base, meta.ring_size)?;
+        applied.vips.insert(
+            key,
+            AppliedVip {
+                name: String::new(),
+                meta,
+                ring: Some(ring),
+            },
+        );
+    }
+    Ok(applied)
+}
+
+/// The data-plane `Config` entry for an agent config and interface MTU.
+pub fn dataplane_config(cfg: &Config, mtu: u32) -> Result<lb_common::Config> {
+    let a = &cfg.agent;
+    let mut c = lb_common::Config {
+        hash_seed: a.hash_seed,
+        mtu: a.mtu.unwrap_or(mtu),
+        ..Default::default()
+    };
+    if let Some(m) = &a.gateway_mac {
+        c.gw_mac = parse_mac(m).ok_or_else(|| anyhow!("agent.gateway_mac"))?;
+    }
+    if let Some(p) = &a.encap_source_v4 {
+        let (addr, len) = parse_prefix(p).ok_or_else(|| anyhow!("agent.encap_source_v4"))?;
+        let host = if len == 32 { 0 } else { u32::MAX >> len };
+        c.src4 = addr_raw(addr).0[0];
+        c.src4_mask = host.to_be();
+    }
+    if let Some(p) = &a.encap_source_v6 {
+        let (addr, len) = parse_prefix(p).ok_or_else(|| anyhow!("agent.encap_source_v6"))?;
+        let bits = 128 - len as u32; // <= 32, checked by validation
+        let host = if bits == 0 {
+            0
+        } else {
+            u32::MAX >> (32 - bits)
+        };
+        c.src6 = addr_raw(addr).0;
+        c.src6_mask = host.to_be();
+    }
+    Ok(c)
+}
+
+/// The Maglev ring of a VIP: active backends, named by address so that every LB host
+/// with the same config builds the same ring.
+pub fn build_ring(
+    cfg: &Config,
+    v: &VipConfig,
+    ids: &BTreeMap<IpAddr, (u32, Backend)>,
+) -> Result<Vec<u32>> {
+    let active: Vec<_> = v.backends.iter().filter(|b| b.active()).collect();
+    let names: Vec<String> = active.iter().map(|b| b.address.to_string()).collect();
+    let input: Vec<MaglevInput> = active
+        .iter()
+        .zip(&names)
+        .map(|(b, n)| MaglevInput {
+            name: n.as_bytes(),
+            weight: b.weight,
+        })
+        .collect();
+    let table = maglev::build(cfg.agent.hash_seed, &input, cfg.agent.ring_size)
+        .map_err(|e| anyhow!("vip[{}]: ring: {e:?}", v.name))?;
+    Ok(table
+        .into_iter()
+        .map(|i| ids[&active[i as usize].address].0)
+        .collect())
+}
+
+fn lowest_free(used: &BTreeSet<u32>, max: u32) -> Result<u32> {
+    (0..max)
+        .find(|i| !used.contains(i))
+        .ok_or_else(|| anyhow!("no free id below {max}"))
+}
+
+/// Make the maps say what `cfg` says. `cfg` must be validated.
+pub fn reconcile(
+    dp: &mut Dataplane,
+    cfg: &Config,
+    applied: &mut Applied,
+    mtu: u32,
+) -> Result<Changes> {
+    let mut ch = Changes::default();
+    let dcfg = dataplane_config(cfg, mtu)?;
+    if dp.config.get(&0, 0)? != dcfg {
+        dp.set_config(&dcfg)?;
+    }
+
+    // Backends: one id per address across all VIPs.
+    let mut want: BTreeMap<IpAddr, Backend> = BTreeMap::new();
+    for v in &cfg.vips {
+        for b in &v.backends {
+            let (addr, family) = addr_raw(b.address);
+            let mac = b.mac.as_deref().and_then(parse_mac).unwrap_or([0; 6]);
+            let e = want.entry(b.address).or_insert(Backend {
+                addr,
+                mac,
+                family,
+                state: BACKEND_UP,
+            });
+            if e.mac == [0; 6] {
+                e.mac = mac;
+            }
+        }
+    }
+    let mut used: BTreeSet<u32> = applied.backends.values().map(|(id, _)| *id).collect();
+    for (addr, be) in &want {
+        match applied.backends.get(addr) {
+            Some((id, old)) if old == be => {
+                let _ = id;
+            }
+            Some(&(id, _)) => {
+                dp.set_backend(id, be)?;
+                applied.backends.insert(*addr, (id, *be));
+            }
+            None => {
+                let id = lowest_free(&used, dp.sizes.max_backends)?;
+                used.insert(id);
+                dp.set_backend(id, be)?;
+                applied.backends.insert(*addr, (id, *be));
+                ch.backends_added.push(*addr);
+            }
+        }
+    }
+
+    // VIPs: keep ids, rebuild rings whose input changed, flip buffers.
+    let mut vip_ids: BTreeSet<u32> = applied.vips.values().map(|v| v.meta.id).collect();
+    let mut live = Vec::new();
+    for v in &cfg.vips {
+        let key = vip_key(v);
+        live.push(key);
+        let ring = build_ring(cfg, v, &applied.backends)?;
+        let flags = if v.affinity { VIP_F_AFFINITY } else { 0 };
+        let forwarding = v.forwarding.to_common() as u8;
+        let (id, which, is_new) = match applied.vips.get(&key) {
+            Some(a) => {
+                let unchanged = a.ring.as_ref() == Some(&ring)
+                    && a.meta.flags == flags
+                    && a.meta.forwarding == forwarding;
+                if unchanged {
+                    continue;
+                }
+                let cur = (a.meta.ring_base / dp.sizes.ring_stride) % RINGS_PER_VIP;
+                (a.meta.id, 1 - cur, false)
+            }
+            None => {
+                let id = lowest_free(&vip_ids, dp.sizes.max_vips)?;
+                vip_ids.insert(id);
+                (id, 0, true)
+            }
+        };
+        let ring_base = dp
+            .write_ring(id, which, &ring)
+            .with_context(|| format!("vip[{}]", v.name))?;
+        let meta = VipMeta {
+            id,
+            ring_base,
+            ring_size: ring.len() as u32,
+            forwarding,
+            flags,
+            _pad: [0; 2],
+        };
+        dp.set_vip(&key, &meta)?;
+        applied.vips.insert(
+            key,
+            AppliedVip {
+                name: v.name.clone(),
+                meta,
+                ring: Some(ring),
+            },
+        );
+        ch.rings_rebuilt += 1;
+        if is_new {
+            ch.vips_added.push(v.name.clone());
+        } else {
+            ch.vips_updated.push(v.name.clone());
+        }
+    }
+    let gone: Vec<VipKey> = applied
+        .vips
+        .keys()
+        .filter(|k| !live.contains(k))
+        .copied()
+        .collect();
+    for key in gone {
+        dp.remove_vip(&key)?;
+        applied.vips.remove(&key);
+        ch.vips_removed += 1;
+    }
+
+    // Backends no VIP uses any more: emptied last, after no ring names them.
+    let gone: Vec<IpAddr> = applied
+        .backends
+        .keys()
+        .filter(|a| !want.contains_key(a))
+        .copied()
+        .collect();
+    for addr in gone {
+        let (id, _) = applied.backends.remove(&addr).unwrap();
+        dp.set_backend(id, &Backend::default())?;
+        ch.backends_removed.push(addr);
+    }
+    applied.config = Some(cfg.clone());
+    Ok(ch)
+}
