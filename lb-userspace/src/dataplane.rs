@@ -82,6 +82,8 @@ pub struct Dataplane {
     pub decap_stats: PerCpuArray<MapData, u64>,
     /// A second handle on `RINGS` for batch updates (aya 0.14 has no batch API).
     rings_fd: OwnedFd,
+    /// A private map-of-maps whose update waits for an RCU grace period.
+    grace: Option<(OwnedFd, OwnedFd)>,
 }
 
 /// Every map of the object, by the name it is pinned under.
@@ -157,6 +159,7 @@ impl Dataplane {
             ..sizes
         };
         Ok(Dataplane {
+            grace: None,
             rings_fd,
             vips: HashMap::try_from(take(&mut ebpf, "VIPS")?)?,
             vip_addrs: HashMap::try_from(take(&mut ebpf, "VIP_ADDRS")?)?,
@@ -214,6 +217,49 @@ impl Dataplane {
         let keys: Vec<u32> = (base..base + ring.len() as u32).collect();
         update_batch(&self.rings_fd, &keys, ring).context("writing RINGS")?;
         Ok(base)
+    }
+
+    /// Return only once every program run that started before the call has finished
+    /// (an RCU grace period). After flipping a VIP to a new ring, this is what makes it
+    /// safe to rewrite the old buffer or empty the backends only it named. The kernel waits
+    /// for one after every update of a map-of-maps; we keep a private one for that.
+    pub fn wait_for_programs(&mut self) -> Result<()> {
+        if self.grace.is_none() {
+            let inner = map_create(2 /* ARRAY */, 4, 4, 1, None)?;
+            let outer = map_create(12 /* ARRAY_OF_MAPS */, 4, 4, 1, Some(&inner))?;
+            self.grace = Some((outer, inner));
+        }
+        let (outer, inner) = self.grace.as_ref().unwrap();
+        let key = 0u32;
+        let value = inner.as_raw_fd() as u32;
+        #[repr(C)]
+        struct ElemAttr {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        let attr = ElemAttr {
+            map_fd: outer.as_raw_fd() as u32,
+            _pad: 0,
+            key: &key as *const u32 as u64,
+            value: &value as *const u32 as u64,
+            flags: 0,
+        };
+        const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_ELEM,
+                &attr as *const ElemAttr,
+                std::mem::size_of::<ElemAttr>() as u32,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error()).context("waiting for an RCU grace period");
+        }
+        Ok(())
     }
 
     /// Read `len` slots of RINGS from `base` (one `BPF_MAP_LOOKUP_BATCH` call or a few).
@@ -281,6 +327,47 @@ fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
         bytes: a.bytes + c.bytes,
         new_flows: a.new_flows + c.new_flows,
     })
+}
+
+fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    inner: Option<&OwnedFd>,
+) -> Result<OwnedFd> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct CreateAttr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+    }
+    let attr = CreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        inner_map_fd: inner.map(|f| f.as_raw_fd() as u32).unwrap_or(0),
+        ..Default::default()
+    };
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const CreateAttr,
+            std::mem::size_of::<CreateAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("creating a map");
+    }
+    use std::os::fd::FromRawFd;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 #[repr(C)]

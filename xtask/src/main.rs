@@ -27,7 +27,8 @@ enum Cmd {
     },
     /// Set up, then show the data plane at work on an embedded default configuration.
     Demo,
-    /// Set up, then run the data-plane benchmark (prints a table).
+    /// Set up, build, then run the data-plane and control-plane benchmarks (print tables).
+    /// Extra arguments go to the data-plane benchmark (CPU, number of flows).
     Bench {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -88,18 +89,19 @@ fn main() -> Result<()> {
         }
         Cmd::Bench { args } => {
             setup()?;
-            run(Command::new(&cargo)
-                .current_dir(root())
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    "lb-bench",
-                    "--bin",
-                    "dataplane",
-                    "--",
-                ])
-                .args(&args))
+            // The control benchmark runs the real agent: target/release/lb must be current.
+            run(Command::new(&cargo).current_dir(root()).args([
+                "build",
+                "--release",
+                "--workspace",
+            ]))?;
+            for (bin, args) in [("dataplane", &args[..]), ("control", &[][..])] {
+                run(Command::new(&cargo)
+                    .current_dir(root())
+                    .args(["run", "--release", "-p", "lb-bench", "--bin", bin, "--"])
+                    .args(args))?;
+            }
+            Ok(())
         }
     }
 }

@@ -1,0 +1,867 @@
+//! The `lb` agent and CLI as an operator meets them: a real agent process in a network
+//! namespace on a veth, driven through the `lb` binary. Needs root, bpffs and `bpftool`.
+//!
+//! Every namespace, agent, pin and socket is a guard from `lb_tests::netns`: it is removed
+//! when the test ends, also when it fails.
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::{Ipv4Addr, UdpSocket},
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{HashMap as BpfHashMap, Map, MapData},
+    programs::XdpMode,
+};
+use lb_common::{ConnVal, DecapReason, FlowKey};
+use lb_tests::{
+    harness::test_sizes,
+    netns::{lb_command, run, veth_pair, Agent, LbOut, Netns, RawSocket, TempDir, VethEnd},
+    packets::{flow4, Opts, UDP},
+};
+use lb_userspace::{
+    config::Config,
+    dataplane::{Dataplane, MAP_NAMES},
+};
+use serde_json::Value;
+
+const LB_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+const PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
+
+/// The `[agent]` table of every test config: native XDP on `veth0`, small maps.
+fn agent_table(max_vips: u32, ring_size: u32) -> String {
+    format!(
+        r#"[agent]
+interface = "veth0"
+xdp_mode = "native"
+ring_size = {ring_size}
+max_vips = {max_vips}
+max_backends = 16
+max_conns = 4096
+encap_source_v4 = "198.18.255.0/24"
+encap_source_v6 = "2001:db8:ff::/112"
+"#
+    )
+}
+
+const WEB: &str = r#"
+[[vip]]
+name = "web"
+address = "198.18.10.1"
+port = 80
+protocol = "tcp"
+backends = [{ address = "198.18.20.1", weight = 100, mac = "02:00:00:00:20:01" }]
+"#;
+
+/// A namespace with a veth pair (`veth0` 198.18.0.1/24 for the agent, `veth1` its peer),
+/// and a directory for the config file.
+struct Host {
+    config: std::path::PathBuf,
+    ns: Netns,
+    _dir: TempDir,
+}
+
+fn host(config: &str) -> Result<Host> {
+    let dir = TempDir::new("lbt-agent")?;
+    let ns = Netns::new("lbt-agent")?;
+    veth_pair(
+        &VethEnd {
+            ns: &ns,
+            name: "veth0",
+            mac: LB_MAC,
+            addrs: &["198.18.0.1/24"],
+        },
+        &VethEnd {
+            ns: &ns,
+            name: "veth1",
+            mac: PEER_MAC,
+            addrs: &[],
+        },
+    )?;
+    let path = dir.join("lb.toml");
+    fs::write(&path, config)?;
+    Ok(Host {
+        config: path,
+        ns,
+        _dir: dir,
+    })
+}
+
+fn bpftool(args: &[&str]) -> Result<String> {
+    run("bpftool", args).context("bpftool (installed by scripts/setup.sh)")
+}
+
+/// `ip -d link show dev` in a namespace.
+fn link_details(ns: &Netns, dev: &str) -> String {
+    ns.ip(&["-d", "link", "show", "dev", dev]).unwrap()
+}
+
+fn program_id(a: &Agent) -> u64 {
+    a.json(&["status"])["program_id"]
+        .as_u64()
+        .expect("status has a numeric program_id")
+}
+
+/// `bpftool link show pinned`: (link id, program id).
+fn pinned_link(a: &Agent) -> Result<(u64, u64)> {
+    let path = a.pin_dir().join("link");
+    let v: Value = serde_json::from_str(&bpftool(&[
+        "-j",
+        "link",
+        "show",
+        "pinned",
+        path.to_str().unwrap(),
+    ])?)?;
+    Ok((
+        v["id"].as_u64().context("link id")?,
+        v["prog_id"].as_u64().context("link prog_id")?,
+    ))
+}
+
+/// Everything the operator and the data plane can see of the configuration: the CLI's
+/// lists, the config file's bytes and the kernel maps the program reads.
+#[derive(Debug, PartialEq)]
+struct State {
+    vips: Value,
+    backends: Value,
+    file: String,
+    maps: Vec<String>,
+}
+
+fn state(a: &Agent) -> State {
+    let maps = ["VIPS", "VIP_ADDRS", "BACKENDS", "CONFIG"]
+        .iter()
+        .map(|m| {
+            let p = a.pin_dir().join(m);
+            bpftool(&["-j", "map", "dump", "pinned", p.to_str().unwrap()]).unwrap()
+        })
+        .collect();
+    State {
+        vips: a.json(&["vip", "list"]),
+        backends: a.json(&["backend", "list"]),
+        file: fs::read_to_string(a.config()).unwrap(),
+        maps,
+    }
+}
+
+fn assert_refused(out: &LbOut, field: &str, what: &str) {
+    assert!(
+        !out.ok(),
+        "{what}: accepted, should be refused\nstdout: {}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains(field),
+        "{what}: the message should name {field:?}: {}",
+        out.stderr
+    );
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn agent_attaches_and_pins_everything_and_stop_detaches_and_removes_it_all() -> Result<()> {
+    let h = host(&(agent_table(8, 1009) + WEB))?;
+    let mut a = Agent::start(&h.ns, &h.config)?;
+
+    let text = a.lb(&["status"]);
+    assert!(text.expect_ok("lb status").contains(a.instance()));
+    let st = a.json(&["status"]);
+    assert_eq!(st["interface"], "veth0");
+    assert_eq!(st["adopted"], false);
+    assert_eq!(st["vips"], 1);
+    let prog = program_id(&a);
+    let link = link_details(&h.ns, "veth0");
+    assert!(
+        link.contains(&format!("prog/xdp id {prog} ")),
+        "veth0 should run program {prog} in native mode: {link}"
+    );
+
+    for name in MAP_NAMES.iter().chain(&["lb", "link"]) {
+        let p = a.pin_dir().join(name);
+        assert!(p.exists(), "{} should be pinned", p.display());
+    }
+    let vips = a.pin_dir().join("VIPS");
+    let dump = bpftool(&["map", "dump", "pinned", vips.to_str().unwrap()])?;
+    assert!(dump.contains("Found 1 element"), "VIPS dump: {dump}");
+    let (_, link_prog) = pinned_link(&a)?;
+    assert_eq!(link_prog, prog, "the pinned link holds the running program");
+
+    let sock = fs::metadata(a.socket())?;
+    assert!(sock.file_type().is_socket());
+    assert_eq!(sock.permissions().mode() & 0o777, 0o600, "socket mode");
+
+    let (out, exit) = a.stop()?;
+    out.expect_ok("lb agent --stop");
+    let exit = exit.expect("agent was running");
+    assert!(exit.success(), "the agent exits cleanly on stop: {exit}");
+    let link = link_details(&h.ns, "veth0");
+    assert!(
+        !link.contains("xdp"),
+        "XDP still attached after stop: {link}"
+    );
+    assert!(
+        !a.pin_dir().exists(),
+        "pins left in {}",
+        a.pin_dir().display()
+    );
+    assert!(
+        !a.socket().exists(),
+        "socket left: {}",
+        a.socket().display()
+    );
+    Ok(())
+}
+
+#[test]
+fn two_instances_run_side_by_side_and_stop_independently() -> Result<()> {
+    let h1 = host(&(agent_table(8, 1009) + WEB))?;
+    let h2 = host(&agent_table(8, 1009))?;
+    let mut a1 = Agent::start(&h1.ns, &h1.config)?;
+    let a2 = Agent::start(&h2.ns, &h2.config)?;
+
+    let (s1, s2) = (a1.json(&["status"]), a2.json(&["status"]));
+    assert_eq!(s1["instance"], a1.instance());
+    assert_eq!(s2["instance"], a2.instance());
+    assert_eq!(
+        (s1["vips"].clone(), s2["vips"].clone()),
+        (1.into(), 0.into())
+    );
+    let (p1, p2) = (program_id(&a1), program_id(&a2));
+    assert_ne!(p1, p2);
+    assert!(link_details(&h1.ns, "veth0").contains(&format!("prog/xdp id {p1} ")));
+    assert!(link_details(&h2.ns, "veth0").contains(&format!("prog/xdp id {p2} ")));
+    assert!(a1.pin_dir().join("link").exists() && a2.pin_dir().join("link").exists());
+
+    a1.stop()?.0.expect_ok("stopping the first instance");
+    assert!(!a1.pin_dir().exists());
+    assert!(!link_details(&h1.ns, "veth0").contains("xdp"));
+    // The second is untouched.
+    assert_eq!(a2.json(&["status"])["program_id"], p2);
+    assert!(link_details(&h2.ns, "veth0").contains(&format!("prog/xdp id {p2} ")));
+    assert!(a2.pin_dir().join("link").exists());
+    Ok(())
+}
+
+#[test]
+fn cli_changes_are_written_to_the_config_file_and_survive_kill_9_and_restart() -> Result<()> {
+    let h = host(&agent_table(8, 1009))?;
+    let mut a = Agent::start(&h.ns, &h.config)?;
+    let steps: &[&[&str]] = &[
+        &["vip", "add", "web", "198.18.10.1", "80", "tcp"],
+        &[
+            "vip",
+            "add",
+            "dns",
+            "2001:db8:10::53",
+            "53",
+            "udp",
+            "--forwarding",
+            "gue",
+        ],
+        &[
+            "backend",
+            "add",
+            "web",
+            "198.18.20.1",
+            "--mac",
+            "02:00:00:00:20:01",
+        ],
+        &[
+            "backend",
+            "add",
+            "web",
+            "198.18.20.2",
+            "--weight",
+            "7",
+            "--mac",
+            "02:00:00:00:20:02",
+        ],
+        &["backend", "weight", "web", "198.18.20.1", "250"],
+        &["backend", "drain", "web", "198.18.20.2"],
+        &[
+            "backend",
+            "add",
+            "dns",
+            "198.18.20.1",
+            "--mac",
+            "02:00:00:00:20:01",
+        ],
+    ];
+    for s in steps {
+        a.lb(s).expect_ok(&s.join(" "));
+    }
+
+    // The file is valid for the agent and says what the CLI did.
+    let text = fs::read_to_string(a.config())?;
+    let cfg = Config::parse(&text).with_context(|| format!("written config:\n{text}"))?;
+    let web = cfg.vip("web").expect("vip web in the file");
+    assert_eq!(web.address.to_string(), "198.18.10.1");
+    assert_eq!(web.port, 80);
+    let b: Vec<_> = web
+        .backends
+        .iter()
+        .map(|b| {
+            (
+                b.address.to_string(),
+                b.weight,
+                b.drain,
+                b.mac.clone().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        b,
+        [
+            ("198.18.20.1".into(), 250, false, "02:00:00:00:20:01".into()),
+            ("198.18.20.2".into(), 7, true, "02:00:00:00:20:02".into()),
+        ]
+    );
+    let dns = cfg.vip("dns").expect("vip dns in the file");
+    assert_eq!(dns.forwarding.to_string(), "gue");
+    assert_eq!(dns.backends.len(), 1);
+    assert_eq!(cfg.agent.ring_size, 1009, "the agent table is kept");
+
+    let before = (a.json(&["backend", "list"]), a.json(&["vip", "list"]));
+    let maps_before = state(&a).maps;
+    a.kill9()?;
+    a.spawn()?;
+    assert_eq!(a.json(&["status"])["adopted"], true);
+    let after = (a.json(&["backend", "list"]), a.json(&["vip", "list"]));
+    assert_eq!(before, after, "backend/vip lists across kill -9 + restart");
+    assert_eq!(maps_before, state(&a).maps, "kernel maps across restart");
+    Ok(())
+}
+
+#[test]
+fn sighup_applies_an_edited_config_file() -> Result<()> {
+    let h = host(&(agent_table(8, 1009) + WEB))?;
+    let a = Agent::start(&h.ns, &h.config)?;
+    let edited = agent_table(8, 1009)
+        + &WEB.replace(
+            "}]",
+            r#"}, { address = "198.18.20.2", weight = 5, mac = "02:00:00:00:20:02" }]"#,
+        )
+        + r#"
+[[vip]]
+name = "dns"
+address = "198.18.10.2"
+port = 53
+protocol = "udp"
+forwarding = "gue"
+backends = [{ address = "198.18.20.3", mac = "02:00:00:00:20:03" }]
+"#;
+    fs::write(a.config(), &edited)?;
+    a.signal(libc::SIGHUP)?;
+    wait_for("the reload", Duration::from_secs(5), || {
+        a.json(&["vip", "list"]).as_array().unwrap().len() == 2
+    });
+    let backends = a.json(&["backend", "list"]);
+    let addrs: Vec<&str> = backends
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(addrs, ["198.18.20.1", "198.18.20.2", "198.18.20.3"]);
+    let vips = a.pin_dir().join("VIPS");
+    let dump = bpftool(&["map", "dump", "pinned", vips.to_str().unwrap()])?;
+    assert!(
+        dump.contains("Found 2 elements"),
+        "VIPS after reload: {dump}"
+    );
+    assert_eq!(
+        fs::read_to_string(a.config())?,
+        edited,
+        "a reload does not rewrite the file"
+    );
+    Ok(())
+}
+
+#[test]
+fn sighup_with_a_broken_config_file_is_refused_and_the_running_state_kept() -> Result<()> {
+    let h = host(&(agent_table(8, 1009) + WEB))?;
+    let a = Agent::start(&h.ns, &h.config)?;
+    let before = state(&a);
+    let broken = [
+        ("not TOML", "[agent\ninterface = ".to_string()),
+        (
+            "weight out of range",
+            agent_table(8, 1009) + &WEB.replace("weight = 100", "weight = 10001"),
+        ),
+        ("ring size not prime", agent_table(8, 1000) + WEB),
+    ];
+    for (i, (what, text)) in broken.iter().enumerate() {
+        fs::write(a.config(), text)?;
+        a.signal(libc::SIGHUP)?;
+        wait_for(
+            &format!("{what}: reload refused"),
+            Duration::from_secs(5),
+            || a.log().matches("reload refused").count() == i + 1,
+        );
+        a.lb(&["status"]).expect_ok("status after a refused reload");
+        let now = State {
+            file: before.file.clone(),
+            ..state(&a)
+        };
+        assert_eq!(now, before, "{what}: running state changed");
+    }
+    let log = a.log();
+    assert!(
+        log.contains("agent.ring_size"),
+        "log names the field: {log}"
+    );
+    assert!(log.contains("weight"), "log names the field: {log}");
+    Ok(())
+}
+
+#[test]
+fn cli_refuses_bad_input_naming_the_field_and_changes_nothing() -> Result<()> {
+    let six = r#"
+[[vip]]
+name = "six"
+address = "2001:db8:10::1"
+port = 80
+protocol = "tcp"
+"#;
+    let h = host(&(agent_table(8, 1009) + WEB + six))?;
+    let a = Agent::start(&h.ns, &h.config)?;
+    let before = state(&a);
+    let cases: &[(&str, &[&str], &str)] = &[
+        (
+            "backend for an unknown VIP",
+            &[
+                "backend",
+                "add",
+                "nope",
+                "198.18.20.9",
+                "--mac",
+                "02:00:00:00:20:09",
+            ],
+            "vip[nope]",
+        ),
+        (
+            "remove an unknown VIP",
+            &["vip", "remove", "nope"],
+            "vip[nope]",
+        ),
+        (
+            "weight on an unknown VIP",
+            &["backend", "weight", "nope", "198.18.20.1", "5"],
+            "vip[nope]",
+        ),
+        (
+            "weight of an unknown backend",
+            &["backend", "weight", "web", "198.18.20.9", "5"],
+            "vip[web].backends",
+        ),
+        (
+            "same address/port/protocol under another name",
+            &["vip", "add", "web2", "198.18.10.1", "80", "tcp"],
+            "vip[web2]",
+        ),
+        (
+            "same name",
+            &["vip", "add", "web", "198.18.10.9", "81", "udp"],
+            "vip[web].name",
+        ),
+        (
+            "duplicate backend",
+            &[
+                "backend",
+                "add",
+                "web",
+                "198.18.20.1",
+                "--mac",
+                "02:00:00:00:20:01",
+            ],
+            "vip[web].backends[1].address",
+        ),
+        (
+            "weight 10001 by `backend weight`",
+            &["backend", "weight", "web", "198.18.20.1", "10001"],
+            "vip[web].backends[0].weight",
+        ),
+        (
+            "weight 10001 by `backend add`",
+            &[
+                "backend",
+                "add",
+                "web",
+                "198.18.20.2",
+                "--weight",
+                "10001",
+                "--mac",
+                "02:00:00:00:20:02",
+            ],
+            "vip[web].backends[1].weight",
+        ),
+        (
+            "invalid VIP address",
+            &["vip", "add", "x", "198.18.300.1", "80", "tcp"],
+            "<ADDRESS>",
+        ),
+        (
+            "invalid backend address",
+            &[
+                "backend",
+                "add",
+                "web",
+                "198.18.20",
+                "--mac",
+                "02:00:00:00:20:02",
+            ],
+            "<ADDRESS>",
+        ),
+        (
+            "IPv6 VIP, IPv4 backend, ipip",
+            &[
+                "backend",
+                "add",
+                "six",
+                "198.18.20.5",
+                "--mac",
+                "02:00:00:00:20:05",
+            ],
+            "vip[six].backends[0].address",
+        ),
+        (
+            "bad backend MAC",
+            &[
+                "backend",
+                "add",
+                "web",
+                "198.18.20.2",
+                "--mac",
+                "02:00:00:00:20",
+            ],
+            "vip[web].backends[1].mac",
+        ),
+    ];
+    for (what, args, field) in cases {
+        let out = a.lb(args);
+        assert_refused(&out, field, what);
+        assert_eq!(state(&a), before, "{what}: state changed");
+    }
+    Ok(())
+}
+
+#[test]
+fn vips_beyond_agent_max_vips_are_refused() -> Result<()> {
+    let h = host(&agent_table(2, 1009))?;
+    let a = Agent::start(&h.ns, &h.config)?;
+    a.lb(&["vip", "add", "a", "198.18.10.1", "80", "tcp"])
+        .expect_ok("first VIP");
+    a.lb(&["vip", "add", "b", "198.18.10.2", "80", "tcp"])
+        .expect_ok("second VIP");
+    let before = state(&a);
+    let out = a.lb(&["vip", "add", "c", "198.18.10.3", "80", "tcp"]);
+    assert_refused(&out, "agent.max_vips", "a third VIP with max_vips = 2");
+    assert_eq!(state(&a), before);
+    Ok(())
+}
+
+/// The agent refuses to start with `config`: exit status non-zero, `field` named on stderr,
+/// nothing left behind.
+fn refused_at_start(config: &str, field: &str) -> Result<()> {
+    let h = host(config)?;
+    let mut a = Agent::new(&h.ns, &h.config);
+    let (st, log) = a.run_to_exit(Duration::from_secs(10))?;
+    assert!(!st.success(), "the agent started with a bad config");
+    assert!(
+        log.contains(field),
+        "the error should name {field:?}: {log}"
+    );
+    assert!(!a.pin_dir().exists(), "pins left by a refused start");
+    assert!(!a.socket().exists(), "socket left by a refused start");
+    assert!(!link_details(&h.ns, "veth0").contains("xdp"));
+    Ok(())
+}
+
+#[test]
+fn agent_refuses_to_start_with_an_unknown_config_field() -> Result<()> {
+    refused_at_start(
+        &(agent_table(8, 1009) + &WEB.replace("port = 80", "port = 80\nbogus_field = 1")),
+        "bogus_field",
+    )
+}
+
+#[test]
+fn agent_refuses_to_start_with_a_non_prime_ring_size() -> Result<()> {
+    refused_at_start(&(agent_table(8, 1000) + WEB), "agent.ring_size")
+}
+
+#[test]
+fn non_root_users_get_permission_denied() -> Result<()> {
+    let h = host(&(agent_table(8, 1009) + WEB))?;
+    let a = Agent::start(&h.ns, &h.config)?;
+    let before = state(&a);
+    let as_nobody = |args: &[&str]| {
+        lb_command(
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(lb_tests::netns::lb_bin())
+                .args(["--instance", a.instance()])
+                .args(args),
+        )
+    };
+    for args in [
+        &["status"][..],
+        &["vip", "add", "x", "198.18.10.7", "80", "tcp"],
+        &["vip", "remove", "web"],
+        &["agent", "--stop"],
+    ] {
+        let out = as_nobody(args);
+        assert!(!out.ok(), "`lb {}` as nobody succeeded", args.join(" "));
+        assert!(
+            out.stderr.to_lowercase().contains("permission denied"),
+            "`lb {}` as nobody: {}",
+            args.join(" "),
+            out.stderr
+        );
+    }
+    assert_eq!(state(&a), before);
+    a.lb(&["status"]).expect_ok("root still can");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Restart / upgrade under traffic
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 1);
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
+const CLIENT_PORT: u16 = 40000;
+
+fn conns(a: &Agent) -> Result<BpfHashMap<MapData, FlowKey, ConnVal>> {
+    let data = MapData::from_pin(a.pin_dir().join("CONNS"))?;
+    Ok(BpfHashMap::try_from(Map::HashMap(data))?)
+}
+
+fn map_id(a: &Agent, name: &str) -> Result<u32> {
+    Ok(MapData::from_pin(a.pin_dir().join(name))?.info()?.id())
+}
+
+/// LB namespace: `veth0` with the agent. CLIENT namespace: `veth1`, which is at once the
+/// client (an `AF_PACKET` socket sends frames from 198.18.0.99 to the VIP, to veth0's MAC)
+/// and the VIP's only backend (address/MAC of veth1, `decap` attached, the VIP on `lo`, a
+/// UDP socket bound to VIP:5000 receives what the LB encapsulated).
+///
+/// Datagrams numbered 0.. go out every 500 us while the agent is `kill -9`ed and restarted,
+/// twice. A restart loads a new program instance into the pinned link and reuses the pinned
+/// maps: this is also how an upgrade happens.
+#[test]
+fn upgrade_by_restart_swaps_the_program_in_the_link_keeps_maps_and_flows_and_loses_nothing(
+) -> Result<()> {
+    let dir = TempDir::new("lbt-upgrade")?;
+    let lbns = Netns::new("lbt-lb")?;
+    let client = Netns::new("lbt-client")?;
+    veth_pair(
+        &VethEnd {
+            ns: &lbns,
+            name: "veth0",
+            mac: LB_MAC,
+            addrs: &["198.18.0.1/24"],
+        },
+        &VethEnd {
+            ns: &client,
+            name: "veth1",
+            mac: PEER_MAC,
+            addrs: &["198.18.0.2/24"],
+        },
+    )?;
+    client.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+    for k in ["all", "default", "veth1", "lo"] {
+        client.sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "0")?;
+    }
+    // XDP_TX'ed frames arriving on a veth need an XDP program there; decap is the backend's.
+    let decap = client.run_in(|| -> Result<Dataplane> {
+        let mut dp = Dataplane::load(test_sizes())?;
+        dp.program("decap")?.attach("veth1", XdpMode::Driver)?;
+        Ok(dp)
+    })??;
+
+    let config = dir.join("lb.toml");
+    fs::write(
+        &config,
+        agent_table(8, 1009)
+            + &format!(
+                r#"
+[[vip]]
+name = "udp"
+address = "{VIP}"
+port = 5000
+protocol = "udp"
+forwarding = "ipip"
+backends = [{{ address = "198.18.0.2", mac = "{}" }}]
+"#,
+                lb_tests::netns::fmt_mac(client.mac("veth1")?)
+            ),
+    )?;
+    let mut a = Agent::start(&lbns, &config)?;
+
+    let rx = client.run_in(|| UdpSocket::bind((VIP, 5000)))??;
+    rx.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let tx = client.run_in(|| RawSocket::open("veth1"))??;
+
+    let sent = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let (received, stop) = (received.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, _)) = rx.recv_from(&mut buf) {
+                    if n >= 8 {
+                        got.push(u64::from_be_bytes(buf[..8].try_into().unwrap()));
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            got
+        })
+    };
+    let sender = {
+        let (sent, stop) = (sent.clone(), stop.clone());
+        thread::spawn(move || -> Result<u64> {
+            const PERIOD: Duration = Duration::from_micros(500);
+            let opts = Opts::default().with_macs(PEER_MAC, LB_MAC);
+            let start = Instant::now();
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut payload = seq.to_be_bytes().to_vec();
+                payload.resize(32, 0xab);
+                tx.send(&opts.udp4(CLIENT_IP, CLIENT_PORT, VIP, 5000, &payload))?;
+                seq += 1;
+                sent.store(seq, Ordering::Relaxed);
+                if seq > 100_000 {
+                    break; // the test is stuck; its assertions will say why
+                }
+                let next = start + PERIOD * seq as u32;
+                if let Some(d) = next.checked_duration_since(Instant::now()) {
+                    thread::sleep(d);
+                }
+            }
+            Ok(seq)
+        })
+    };
+    let wait_sent = |n: u64| {
+        wait_for(
+            &format!("{n} datagrams sent"),
+            Duration::from_secs(10),
+            || sent.load(Ordering::Relaxed) >= n,
+        )
+    };
+
+    let flow = flow4(CLIENT_IP, CLIENT_PORT, VIP, 5000, UDP);
+    wait_for("the first datagram through", Duration::from_secs(5), || {
+        received.load(Ordering::Relaxed) > 0
+    });
+    let entry = conns(&a)?.get(&flow, 0).context("CONNS has the flow")?;
+    // A flow the program never saw: only an adopted map can still hold it later.
+    let sentinel = flow4(Ipv4Addr::new(198, 18, 0, 98), 1, VIP, 5000, UDP);
+    conns(&a)?.insert(
+        sentinel,
+        ConnVal {
+            backend: 7,
+            _pad: 0,
+        },
+        0,
+    )?;
+    let map_ids: Vec<u32> = MAP_NAMES
+        .iter()
+        .map(|m| map_id(&a, m))
+        .collect::<Result<_>>()?;
+    let (link_id, link_prog) = pinned_link(&a)?;
+    let mut programs = vec![program_id(&a)];
+    assert_eq!(link_prog, programs[0]);
+
+    let mut down = Vec::new();
+    for round in 1..=2 {
+        wait_sent(sent.load(Ordering::Relaxed) + 200);
+        a.kill9()?;
+        let killed_at = sent.load(Ordering::Relaxed);
+        a.spawn()?;
+        down.push(sent.load(Ordering::Relaxed) - killed_at);
+        let st = a.json(&["status"]);
+        assert_eq!(st["adopted"], true, "round {round}: restart adopts");
+        let prog = st["program_id"].as_u64().unwrap();
+        assert!(
+            !programs.contains(&prog),
+            "round {round}: a new program instance is loaded ({prog} in {programs:?})"
+        );
+        programs.push(prog);
+        assert_eq!(
+            pinned_link(&a)?,
+            (link_id, prog),
+            "round {round}: the same link now runs the new program"
+        );
+        let link = link_details(&lbns, "veth0");
+        assert!(link.contains(&format!("prog/xdp id {prog} ")), "{link}");
+    }
+    wait_sent(sent.load(Ordering::Relaxed) + 200);
+    stop.store(true, Ordering::Relaxed);
+    let total = sender.join().unwrap()?;
+    // Let the receiver drain, then stop it.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while received.load(Ordering::Relaxed) < total && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    thread::sleep(Duration::from_millis(100)); // anything extra (a duplicate) arrives too
+    let got = receiver.join().unwrap();
+
+    assert!(
+        down.iter().all(|&d| d > 0),
+        "datagrams were sent while no agent ran: {down:?}"
+    );
+    eprintln!(
+        "UPGRADE total={total} down={down:?} programs={programs:?} got={}",
+        got.len()
+    );
+    let unique: BTreeSet<u64> = got.iter().copied().collect();
+    let missing: Vec<u64> = (0..total).filter(|s| !unique.contains(s)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {total} datagrams lost (sent while the agent was down: {down:?}): {:?}",
+        missing.len(),
+        &missing[..missing.len().min(50)]
+    );
+    assert_eq!(got.len() as u64, total, "duplicates received");
+
+    // Same maps, same entries: the flow was never seen as new again.
+    let ids_after: Vec<u32> = MAP_NAMES
+        .iter()
+        .map(|m| map_id(&a, m))
+        .collect::<Result<_>>()?;
+    assert_eq!(map_ids, ids_after, "the pinned maps are reused");
+    let c = conns(&a)?;
+    assert_eq!(c.get(&flow, 0)?.backend, entry.backend, "the flow's entry");
+    assert_eq!(c.get(&sentinel, 0)?.backend, 7, "CONNS content survives");
+    let stats = a.json(&["stats"]);
+    let vip = &stats["vips"][0];
+    assert_eq!(vip["name"], "udp");
+    assert_eq!(vip["packets"], total, "every datagram went through lb");
+    assert_eq!(vip["new_flows"], 1, "one flow, created once");
+    assert_eq!(stats["reasons"]["tx_forward"], total);
+    let decapped = decap.decap_counts()?[DecapReason::Decapped as usize];
+    assert_eq!(decapped, total, "decapped on veth1");
+    Ok(())
+}
