@@ -23,6 +23,8 @@ pub struct AppliedVip {
     pub meta: VipMeta,
     /// The live ring as backend ids (read back from RINGS when adopted).
     pub ring: Option<Vec<u32>>,
+    /// What the ring was built from: (VIP, hash seed, ring size); `None` when adopted.
+    pub input: Option<(VipConfig, u32, u32)>,
 }
 
 /// The agent's record of the maps' contents.
@@ -91,6 +93,7 @@ pub fn adopt(dp: &Dataplane) -> Result<Applied> {
                 name: String::new(),
                 meta,
                 ring: Some(ring),
+                input: None,
             },
         );
     }
@@ -215,6 +218,12 @@ pub fn reconcile(
     for v in &cfg.vips {
         let key = vip_key(v);
         live.push(key);
+        // Same VIP, seed and ring size: same ring (backend ids of kept addresses never
+        // change), so skip the build.
+        let input = (v.clone(), cfg.agent.hash_seed, cfg.agent.ring_size);
+        if applied.vips.get(&key).and_then(|a| a.input.as_ref()) == Some(&input) {
+            continue;
+        }
         let ring = build_ring(cfg, v, &applied.backends)?;
         let flags = if v.affinity { VIP_F_AFFINITY } else { 0 };
         let forwarding = v.forwarding.to_common() as u8;
@@ -253,6 +262,7 @@ pub fn reconcile(
                 name: v.name.clone(),
                 meta,
                 ring: Some(ring),
+                input: Some(input),
             },
         );
         ch.rings_rebuilt += 1;
