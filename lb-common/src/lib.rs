@@ -19,8 +19,9 @@ pub const MAX_VIPS: u32 = 64;
 pub const MAX_BACKENDS: u32 = 4096;
 /// Connection-table capacity compiled into the object.
 pub const MAX_CONNS: u32 = 65536;
-/// Rings are double-buffered: VIP `id` owns ring slots `2*id` and `2*id+1` of `RINGS`,
-/// each `ring_stride` entries long; `VipMeta::ring_base` says which one is live.
+/// Rings are double-buffered: VIP `id` owns rings `2*id` and `2*id+1`, each `ring_stride`
+/// slots long (the ring size rounded up to even); `VipMeta::ring_base` is the slot index
+/// of the live one. `RINGS` packs two slots per element: slot `g` is `RINGS[g / 2][g % 2]`.
 pub const RINGS_PER_VIP: u32 = 2;
 /// ICMP payload quoted in our "fragmentation needed" replies (bytes after the ICMP header).
 pub const ICMP4_QUOTE: u32 = 64;

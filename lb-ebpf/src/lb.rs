@@ -324,9 +324,10 @@ fn select<'a>(
     }
     let hash = flow_hash(cfg.hash_seed, flow, vip.flags & VIP_F_AFFINITY != 0);
     let slot = vip.ring_base.wrapping_add(ring_slot(hash, vip.ring_size));
-    let Some(&id) = RINGS.get(slot) else {
+    let Some(pair) = RINGS.get(slot >> 1) else {
         return Err(Reason::DropNoBackend);
     };
+    let id = pair[(slot & 1) as usize];
     let Some(be) = BACKENDS.get(id) else {
         return Err(Reason::DropNoBackend);
     };

@@ -18,10 +18,12 @@ pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 
 #[map]
 pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
 
-/// Maglev rings, two per VIP (double buffer), `ring_stride` slots each: backend ids.
+/// Maglev rings, two per VIP (double buffer), `ring_stride` (even) slots each: backend
+/// ids, two per element. The kernel rounds array values up to 8 bytes, so a `u32` element
+/// would waste half of the largest map.
 #[map]
-pub static RINGS: Array<u32> =
-    Array::with_max_entries(MAX_VIPS * RINGS_PER_VIP * DEFAULT_RING_SIZE, 0);
+pub static RINGS: Array<[u32; 2]> =
+    Array::with_max_entries(MAX_VIPS * RINGS_PER_VIP * (DEFAULT_RING_SIZE + 1) / 2, 0);
 
 /// Backend id → backend.
 #[map]

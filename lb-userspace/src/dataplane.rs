@@ -24,7 +24,8 @@ pub struct Sizes {
     pub max_vips: u32,
     pub max_backends: u32,
     pub max_conns: u32,
-    /// Slots reserved per ring: the largest ring size any VIP may use.
+    /// Slots reserved per ring: the largest ring size any VIP may use, rounded up to even
+    /// by [`Dataplane::load`] (so that no `RINGS` element holds slots of two rings).
     pub ring_stride: u32,
 }
 
@@ -40,11 +41,13 @@ impl Default for Sizes {
 }
 
 impl Sizes {
-    /// Kernel memory of the rings: `max_vips * 2 * ring_stride * 4` bytes.
+    /// Elements of `RINGS` (two slots each): kernel memory `max_vips * 2 * ring_stride * 4`
+    /// bytes, with `ring_stride` even.
     pub fn ring_entries(&self) -> Result<u32> {
         self.max_vips
             .checked_mul(RINGS_PER_VIP)
             .and_then(|n| n.checked_mul(self.ring_stride))
+            .map(|n| n / 2)
             .ok_or_else(|| anyhow!("max_vips * 2 * ring_stride overflows u32"))
     }
 }
@@ -72,7 +75,8 @@ pub struct Dataplane {
     pub sizes: Sizes,
     pub vips: HashMap<MapData, VipKey, VipMeta>,
     pub vip_addrs: HashMap<MapData, AddrKey, u32>,
-    pub rings: Array<MapData, u32>,
+    /// Two ring slots per element; see [`Dataplane::write_ring`].
+    pub rings: Array<MapData, [u32; 2]>,
     pub backends: Array<MapData, Backend>,
     pub conns: HashMap<MapData, FlowKey, ConnVal>,
     pub config: Array<MapData, Config>,
@@ -109,6 +113,10 @@ impl Dataplane {
     /// As [`Dataplane::load`], with every map pinned under `pin_dir`: maps already pinned
     /// there are reused as they are (contents and sizes), the others are created and pinned.
     pub fn load_pinned(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Self> {
+        let sizes = Sizes {
+            ring_stride: (sizes.ring_stride + 1) & !1,
+            ..sizes
+        };
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, std::path::PathBuf)> = match pin_dir {
             Some(d) => MAP_NAMES.iter().map(|n| (*n, d.join(n))).collect(),
@@ -149,10 +157,10 @@ impl Dataplane {
             ring_stride: match &rings {
                 aya::maps::Map::Array(d) => {
                     let n = d.info()?.max_entries();
-                    if n % (sizes.max_vips * RINGS_PER_VIP) != 0 {
-                        bail!("pinned RINGS has {n} entries, not a multiple of 2 x max_vips");
+                    if n % sizes.max_vips != 0 {
+                        bail!("pinned RINGS has {n} entries, not a multiple of max_vips");
                     }
-                    n / (sizes.max_vips * RINGS_PER_VIP)
+                    n / sizes.max_vips
                 }
                 _ => sizes.ring_stride,
             },
@@ -214,8 +222,12 @@ impl Dataplane {
             bail!("ring {which} of VIP id {vip_id} is outside RINGS");
         }
         let base = (vip_id * RINGS_PER_VIP + which) * self.sizes.ring_stride;
-        let keys: Vec<u32> = (base..base + ring.len() as u32).collect();
-        update_batch(&self.rings_fd, &keys, ring).context("writing RINGS")?;
+        let pairs: Vec<[u32; 2]> = ring
+            .chunks(2)
+            .map(|c| [c[0], *c.get(1).unwrap_or(&0)])
+            .collect();
+        let keys: Vec<u32> = (base / 2..base / 2 + pairs.len() as u32).collect();
+        update_batch(&self.rings_fd, &keys, &pairs).context("writing RINGS")?;
         Ok(base)
     }
 
@@ -264,7 +276,17 @@ impl Dataplane {
 
     /// Read `len` slots of RINGS from `base` (one `BPF_MAP_LOOKUP_BATCH` call or a few).
     pub fn read_ring(&self, base: u32, len: u32) -> Result<Vec<u32>> {
-        lookup_batch(&self.rings_fd, base, len).context("reading RINGS")
+        if base % 2 != 0 {
+            bail!("ring base {base} is not even");
+        }
+        let pairs: Vec<[u32; 2]> =
+            lookup_batch(&self.rings_fd, base / 2, len.div_ceil(2)).context("reading RINGS")?;
+        Ok(pairs.into_iter().flatten().take(len as usize).collect())
+    }
+
+    /// Which of a VIP's two ring buffers a `ring_base` names.
+    pub fn ring_buffer(&self, ring_base: u32) -> u32 {
+        (ring_base / self.sizes.ring_stride) % RINGS_PER_VIP
     }
 
     /// Make a VIP live (or update it: one hash-map update, atomic for readers).
@@ -398,10 +420,10 @@ fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `BPF_MAP_LOOKUP_BATCH` of array slots `base..base+len`.
-fn lookup_batch(map: &OwnedFd, base: u32, len: u32) -> Result<Vec<u32>> {
+/// `BPF_MAP_LOOKUP_BATCH` of array elements `base..base+len`.
+fn lookup_batch<V: Copy + Default>(map: &OwnedFd, base: u32, len: u32) -> Result<Vec<V>> {
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    let mut values = vec![0u32; len as usize];
+    let mut values = vec![V::default(); len as usize];
     let mut keys = vec![0u32; len as usize];
     let mut done = 0usize;
     // The batch cursor resumes after the key in `in_batch`.
@@ -432,8 +454,8 @@ fn lookup_batch(map: &OwnedFd, base: u32, len: u32) -> Result<Vec<u32>> {
     Ok(values)
 }
 
-/// `BPF_MAP_UPDATE_BATCH` of `u32 → u32` pairs (kernel 5.6+, arrays and hashes).
-fn update_batch(map: &OwnedFd, keys: &[u32], values: &[u32]) -> Result<()> {
+/// `BPF_MAP_UPDATE_BATCH` of `u32` keys and `V` values (kernel 5.6+, arrays and hashes).
+fn update_batch<V>(map: &OwnedFd, keys: &[u32], values: &[V]) -> Result<()> {
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     assert_eq!(keys.len(), values.len());
     let mut done = 0;

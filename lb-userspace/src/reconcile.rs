@@ -235,7 +235,7 @@ pub fn reconcile(
                 if unchanged {
                     continue;
                 }
-                let cur = (a.meta.ring_base / dp.sizes.ring_stride) % RINGS_PER_VIP;
+                let cur = dp.ring_buffer(a.meta.ring_base);
                 (a.meta.id, 1 - cur, false)
             }
             None => {

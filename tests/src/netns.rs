@@ -355,14 +355,47 @@ pub fn lb_bin() -> PathBuf {
             tried.push(target.join("debug/lb"));
         }
     }
-    tried.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
+    let bin = tried.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
         panic!(
             "the `lb` binary was not found beside {} (target/release/lb or target/debug/lb); \
              build it first: `cargo build --release -p lb-userspace` (or run the tests with \
              `cargo test --release --workspace`), or point LB_BIN at it",
             exe.display()
         )
-    })
+    });
+    warn_if_stale(&bin);
+    bin
+}
+
+/// `cargo test -p lb-tests` rebuilds the `lb_userspace` library but not the `lb` binary:
+/// say so (once) if the binary is older than the library this test was built with.
+fn warn_if_stale(bin: &Path) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+        let Some(bin_time) = mtime(bin) else { return };
+        let Some(deps) = bin.parent().map(|d| d.join("deps")) else {
+            return;
+        };
+        let newest_lib = fs::read_dir(deps)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                n.starts_with("liblb_userspace-") && n.ends_with(".rlib")
+            })
+            .filter_map(|e| mtime(&e.path()))
+            .max();
+        if newest_lib.is_some_and(|l| l > bin_time) {
+            eprintln!(
+                "warning: {} is older than the lb_userspace library; rebuild it with \
+                 `cargo build --release -p lb-userspace` (or test with --workspace)",
+                bin.display()
+            );
+        }
+    });
 }
 
 /// What one `lb` command did.

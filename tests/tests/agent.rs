@@ -832,10 +832,6 @@ backends = [{{ address = "198.18.0.2", mac = "{}" }}]
         down.iter().all(|&d| d > 0),
         "datagrams were sent while no agent ran: {down:?}"
     );
-    eprintln!(
-        "UPGRADE total={total} down={down:?} programs={programs:?} got={}",
-        got.len()
-    );
     let unique: BTreeSet<u64> = got.iter().copied().collect();
     let missing: Vec<u64> = (0..total).filter(|s| !unique.contains(s)).collect();
     assert!(
