@@ -110,6 +110,9 @@ pub const BACKEND_UP: u8 = 1;
 pub const BACKEND_DRAINING: u8 = 2;
 /// Failed: established flows are moved to the VIP's ring choice.
 pub const BACKEND_DOWN: u8 = 3;
+/// Removed from every VIP: behaves as `DOWN` (its flows move) while its id is quarantined,
+/// so that a packet still holding an old ring never meets a half-rewritten entry.
+pub const BACKEND_RETIRED: u8 = 4;
 
 /// Element of the `BACKENDS` array, indexed by backend id.
 #[repr(C)]
@@ -326,6 +329,16 @@ pub fn flow_hash(seed: u32, k: &FlowKey, affinity: bool) -> u32 {
 pub fn flow_entropy(k: &FlowKey) -> u32 {
     let x = k.src[3] ^ k.src[0] ^ ((k.sport as u32) << 16 | k.sport as u32);
     x ^ (x >> 13).wrapping_mul(0x9e37_79b1)
+}
+
+/// Bit of the 64-bit `VIP_FILTER` word that an address sets. The filter lets the data plane
+/// pass most non-VIP traffic without a hash-map lookup; it never hides a VIP (every VIP
+/// address sets its bit before its VIP is inserted).
+#[inline(always)]
+pub fn vip_filter_bit(addr: &[u32; 4]) -> u32 {
+    let x = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+    let x = x ^ (x >> 16);
+    (x ^ (x >> 8)) & 63
 }
 
 /// Ring slot of a hash: `hash % ring_size`.

@@ -6,7 +6,10 @@ use lb_common::*;
 
 use crate::{
     forward::{forward, Frame},
-    maps::{bump_counters, BACKENDS, BE_STATS, CONFIG, CONNS, RINGS, VIPS, VIP_ADDRS, VIP_STATS},
+    maps::{
+        bump_counters, BACKENDS, BE_STATS, CONFIG, CONNS, RINGS, VIPS, VIP_ADDRS, VIP_FILTER,
+        VIP_STATS,
+    },
     pkt::*,
 };
 
@@ -48,9 +51,21 @@ pub fn lb(ctx: &XdpContext) -> Verdict {
     pass(Reason::PassNotIp)
 }
 
+/// False when no VIP can have this address: one bit test instead of a hash lookup.
+#[inline(always)]
+fn maybe_vip(addr: &[u32; 4]) -> bool {
+    match VIP_FILTER.get(0) {
+        Some(f) => (*f >> vip_filter_bit(addr)) & 1 != 0,
+        None => true,
+    }
+}
+
 /// A fragment, ICMP or other protocol: ours only if the address carries a VIP.
 #[inline(always)]
 fn vip_address(addr: [u32; 4], family: u8) -> bool {
+    if !maybe_vip(&addr) {
+        return false;
+    }
     let key = AddrKey { addr, family, _pad: [0; 3] };
     VIP_ADDRS.get_ptr(&key).is_some()
 }
@@ -176,6 +191,9 @@ fn l4_to_vip(
         family: frame.family,
         _pad: [0; 2],
     };
+    if !maybe_vip(&dst) {
+        return pass(Reason::PassNotVip);
+    }
     let key = VipKey { addr: dst, port: flow.dport, proto, family: frame.family };
     let Some(vip) = VIPS.get_ptr(&key) else {
         return pass(Reason::PassNotVip);

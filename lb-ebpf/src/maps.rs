@@ -18,6 +18,11 @@ pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 
 #[map]
 pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
 
+/// One word: bit `vip_filter_bit(addr)` is set for every VIP address (a one-hash Bloom
+/// filter), so most non-VIP packets pass without a `VIPS` lookup.
+#[map]
+pub static VIP_FILTER: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Maglev rings, two per VIP (double buffer), `ring_stride` (even) slots each: backend
 /// ids, two per element. The kernel rounds array values up to 8 bytes, so a `u32` element
 /// would waste half of the largest map.

@@ -145,14 +145,20 @@ pub fn stop(instance: &str) -> Result<()> {
         let pinned = PinnedLink::from_pin(&link).context("opening the pinned link")?;
         drop(pinned.unpin().context("unpinning the link")?); // last reference: detaches
     }
-    for name in MAP_NAMES.iter().chain(&["lb"]) {
-        let _ = std::fs::remove_file(dir.join(name));
-    }
+    remove_pins(&dir);
     if dir.exists() {
-        std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        bail!("could not remove {}", dir.display());
     }
     info!(instance, "data plane detached and unpinned");
     Ok(())
+}
+
+/// Remove the map and program pins of an instance and its directory (not the link).
+fn remove_pins(dir: &Path) {
+    for name in MAP_NAMES.iter().chain(&["lb"]) {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 pub struct Agent {
@@ -172,9 +178,23 @@ impl Agent {
         ensure_bpffs()?;
         let dir = pin_dir(instance);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mtu = interface_mtu(&cfg.agent.interface)?;
-        let mut dp = Dataplane::load_pinned(sizes(&cfg), Some(&dir))?;
-        let adopted = attach_or_adopt(&mut dp, &dir, &cfg.agent.interface, cfg.agent.xdp_mode)?;
+        let fresh = !dir.join("link").exists();
+        let started = (|| {
+            let mtu = interface_mtu(&cfg.agent.interface)?;
+            let mut dp = Dataplane::load_pinned(sizes(&cfg), Some(&dir))?;
+            let adopted = attach_or_adopt(&mut dp, &dir, &cfg.agent.interface, cfg.agent.xdp_mode)?;
+            Ok::<_, anyhow::Error>((mtu, dp, adopted))
+        })();
+        let (mtu, mut dp, adopted) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                // Nothing was running before: leave nothing behind either.
+                if fresh {
+                    remove_pins(&dir);
+                }
+                return Err(e);
+            }
+        };
         let mut applied = reconcile::adopt(&dp)?;
         let t = Instant::now();
         let changes = reconcile::reconcile(&mut dp, &cfg, &mut applied, mtu)?;

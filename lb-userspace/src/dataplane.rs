@@ -75,6 +75,7 @@ pub struct Dataplane {
     pub sizes: Sizes,
     pub vips: HashMap<MapData, VipKey, VipMeta>,
     pub vip_addrs: HashMap<MapData, AddrKey, u32>,
+    pub vip_filter: Array<MapData, u64>,
     /// Two ring slots per element; see [`Dataplane::write_ring`].
     pub rings: Array<MapData, [u32; 2]>,
     pub backends: Array<MapData, Backend>,
@@ -91,9 +92,10 @@ pub struct Dataplane {
 }
 
 /// Every map of the object, by the name it is pinned under.
-pub const MAP_NAMES: [&str; 10] = [
+pub const MAP_NAMES: [&str; 11] = [
     "VIPS",
     "VIP_ADDRS",
+    "VIP_FILTER",
     "RINGS",
     "BACKENDS",
     "CONNS",
@@ -143,6 +145,11 @@ impl Dataplane {
             prog.load()
                 .with_context(|| format!("verifier rejected program {name}"))?;
         }
+        // A map missing from MAP_NAMES would silently not be pinned, and a restarted agent
+        // would get a fresh, empty one: refuse instead.
+        if let Some((name, _)) = ebpf.maps().find(|(n, _)| !MAP_NAMES.contains(n)) {
+            bail!("map {name} of the object is missing from MAP_NAMES");
+        }
         fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from object"))
@@ -171,6 +178,7 @@ impl Dataplane {
             rings_fd,
             vips: HashMap::try_from(take(&mut ebpf, "VIPS")?)?,
             vip_addrs: HashMap::try_from(take(&mut ebpf, "VIP_ADDRS")?)?,
+            vip_filter: Array::try_from(take(&mut ebpf, "VIP_FILTER")?)?,
             rings: Array::try_from(rings)?,
             backends: Array::try_from(take(&mut ebpf, "BACKENDS")?)?,
             conns: HashMap::try_from(take(&mut ebpf, "CONNS")?)?,
@@ -276,7 +284,7 @@ impl Dataplane {
 
     /// Read `len` slots of RINGS from `base` (one `BPF_MAP_LOOKUP_BATCH` call or a few).
     pub fn read_ring(&self, base: u32, len: u32) -> Result<Vec<u32>> {
-        if base % 2 != 0 {
+        if !base.is_multiple_of(2) {
             bail!("ring base {base} is not even");
         }
         let pairs: Vec<[u32; 2]> =
@@ -289,26 +297,34 @@ impl Dataplane {
         (ring_base / self.sizes.ring_stride) % RINGS_PER_VIP
     }
 
-    /// Make a VIP live (or update it: one hash-map update, atomic for readers).
+    /// Make a VIP live (or update it: one hash-map update, atomic for readers). Its address
+    /// enters `VIP_FILTER` and `VIP_ADDRS` first, so no packet to it is ever passed as
+    /// not-a-VIP once the VIP exists.
     pub fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
-        self.vips.insert(key, meta, 0).context("writing VIPS")?;
+        let filter = self.vip_filter.get(&0, 0)? | 1u64 << vip_filter_bit(&key.addr);
+        self.vip_filter
+            .set(0, filter, 0)
+            .context("writing VIP_FILTER")?;
         let ak = AddrKey {
             addr: key.addr,
             family: key.family,
             _pad: [0; 3],
         };
-        self.vip_addrs.insert(ak, 1, 0).context("writing VIP_ADDRS")
+        self.vip_addrs
+            .insert(ak, 1, 0)
+            .context("writing VIP_ADDRS")?;
+        self.vips.insert(key, meta, 0).context("writing VIPS")
     }
 
-    /// Remove a VIP; its address leaves `VIP_ADDRS` with its last VIP.
+    /// Remove a VIP; its address leaves `VIP_ADDRS` (and its bit `VIP_FILTER`, unless
+    /// another address shares it) with its last VIP.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
         self.vips.remove(key).context("removing from VIPS")?;
-        let still = self
-            .vips
-            .keys()
-            .filter_map(|k| k.ok())
-            .any(|k| k.addr == key.addr && k.family == key.family);
-        if !still {
+        let keys: Vec<VipKey> = self.vips.keys().filter_map(|k| k.ok()).collect();
+        if !keys
+            .iter()
+            .any(|k| k.addr == key.addr && k.family == key.family)
+        {
             let ak = AddrKey {
                 addr: key.addr,
                 family: key.family,
@@ -318,7 +334,12 @@ impl Dataplane {
                 .remove(&ak)
                 .context("removing from VIP_ADDRS")?;
         }
-        Ok(())
+        let filter = keys
+            .iter()
+            .fold(0u64, |f, k| f | 1u64 << vip_filter_bit(&k.addr));
+        self.vip_filter
+            .set(0, filter, 0)
+            .context("writing VIP_FILTER")
     }
 
     /// Sum of a per-CPU reason counter array.

@@ -33,7 +33,14 @@ pub struct Applied {
     pub backends: BTreeMap<IpAddr, (u32, Backend)>,
     pub vips: HashMap<VipKey, AppliedVip>,
     pub config: Option<Config>,
+    /// Ids of removed backends (`RETIRED` in the map) and when they were retired: not
+    /// handed out again for [`ID_QUARANTINE`].
+    pub retired: BTreeMap<u32, std::time::Instant>,
 }
+
+/// How long a removed backend's id stays unused. Far longer than any packet can take, so a
+/// packet that read an old ring always finds the backend that ring meant.
+pub const ID_QUARANTINE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a reconcile changed, for the log.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -80,7 +87,7 @@ pub fn adopt(dp: &Dataplane) -> Result<Applied> {
     let mut applied = Applied::default();
     for id in 0..dp.sizes.max_backends {
         let be = dp.backends.get(&id, 0)?;
-        if be.state != BACKEND_EMPTY {
+        if be.state != BACKEND_EMPTY && be.state != BACKEND_RETIRED {
             applied.backends.insert(ip_of(be.addr, be.family), (id, be));
         }
     }
@@ -156,6 +163,25 @@ pub fn build_ring(
         .collect())
 }
 
+/// The lowest id neither in use nor in quarantine; failing that, the longest-retired one.
+fn free_id(
+    used: &BTreeSet<u32>,
+    retired: &mut BTreeMap<u32, std::time::Instant>,
+    max: u32,
+) -> Result<u32> {
+    let now = std::time::Instant::now();
+    retired.retain(|_, t| now.duration_since(*t) < ID_QUARANTINE);
+    if let Some(id) = (0..max).find(|i| !used.contains(i) && !retired.contains_key(i)) {
+        return Ok(id);
+    }
+    let (&id, _) = retired
+        .iter()
+        .min_by_key(|(_, t)| **t)
+        .ok_or_else(|| anyhow!("no free id below {max}"))?;
+    retired.remove(&id);
+    Ok(id)
+}
+
 fn lowest_free(used: &BTreeSet<u32>, max: u32) -> Result<u32> {
     (0..max)
         .find(|i| !used.contains(i))
@@ -173,6 +199,20 @@ pub fn reconcile(
     let dcfg = dataplane_config(cfg, mtu)?;
     if dp.config.get(&0, 0)? != dcfg {
         dp.set_config(&dcfg)?;
+    }
+
+    // VIP_FILTER first covers every VIP old and new (and is rebuilt from scratch, so a map
+    // adopted from an older agent, or left empty, is repaired), then only the new ones.
+    let desired_filter = cfg
+        .vips
+        .iter()
+        .fold(0u64, |f, v| f | 1u64 << vip_filter_bit(&vip_key(v).addr));
+    let old_filter = applied
+        .vips
+        .keys()
+        .fold(0u64, |f, k| f | 1u64 << vip_filter_bit(&k.addr));
+    if dp.vip_filter.get(&0, 0)? != desired_filter | old_filter {
+        dp.vip_filter.set(0, desired_filter | old_filter, 0)?;
     }
 
     // Backends: one id per address across all VIPs.
@@ -203,7 +243,7 @@ pub fn reconcile(
                 applied.backends.insert(*addr, (id, *be));
             }
             None => {
-                let id = lowest_free(&used, dp.sizes.max_backends)?;
+                let id = free_id(&used, &mut applied.retired, dp.sizes.max_backends)?;
                 used.insert(id);
                 dp.set_backend(id, be)?;
                 applied.backends.insert(*addr, (id, *be));
@@ -284,7 +324,16 @@ pub fn reconcile(
         ch.vips_removed += 1;
     }
 
-    // Backends no VIP uses any more: emptied last, after no ring names them.
+    if dp.vip_filter.get(&0, 0)? != desired_filter {
+        dp.vip_filter.set(0, desired_filter, 0)?;
+    }
+    // After any flip, wait until no packet can still be reading an old ring: only then may
+    // the next reconcile rewrite that buffer, or the backends only it named be retired.
+    if ch.rings_rebuilt > 0 || ch.vips_removed > 0 {
+        dp.wait_for_programs()?;
+    }
+    // Backends no VIP uses any more: retired last, after no ring names them. Only the state
+    // byte changes, so even a packet that raced the flip reads a whole, valid entry.
     let gone: Vec<IpAddr> = applied
         .backends
         .keys()
@@ -292,8 +341,15 @@ pub fn reconcile(
         .copied()
         .collect();
     for addr in gone {
-        let (id, _) = applied.backends.remove(&addr).unwrap();
-        dp.set_backend(id, &Backend::default())?;
+        let (id, be) = applied.backends.remove(&addr).unwrap();
+        dp.set_backend(
+            id,
+            &Backend {
+                state: BACKEND_RETIRED,
+                ..be
+            },
+        )?;
+        applied.retired.insert(id, std::time::Instant::now());
         ch.backends_removed.push(addr);
     }
     applied.config = Some(cfg.clone());

@@ -340,12 +340,12 @@ impl Drop for TempDir {
 
 /// The `lb` binary of this build: `target/<profile>/lb` beside the test executable
 /// (`target/<profile>/deps/<test>`), else the other profile's; `$LB_BIN` overrides.
-/// Panics with instructions if there is none.
-pub fn lb_bin() -> PathBuf {
+/// An error with instructions if there is none.
+pub fn find_lb_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("LB_BIN") {
-        return PathBuf::from(p);
+        return Ok(PathBuf::from(p));
     }
-    let exe = std::env::current_exe().expect("current_exe");
+    let exe = std::env::current_exe().context("current_exe")?;
     let mut tried = Vec::new();
     // target/<profile>/deps/<test> -> target/<profile> -> target
     if let Some(profile) = exe.parent().and_then(Path::parent) {
@@ -355,16 +355,21 @@ pub fn lb_bin() -> PathBuf {
             tried.push(target.join("debug/lb"));
         }
     }
-    let bin = tried.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
-        panic!(
+    let bin = tried.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        anyhow!(
             "the `lb` binary was not found beside {} (target/release/lb or target/debug/lb); \
              build it first: `cargo build --release -p lb-userspace` (or run the tests with \
              `cargo test --release --workspace`), or point LB_BIN at it",
             exe.display()
         )
-    });
+    })?;
     warn_if_stale(&bin);
-    bin
+    Ok(bin)
+}
+
+/// [`find_lb_bin`], panicking with its message.
+pub fn lb_bin() -> PathBuf {
+    find_lb_bin().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// `cargo test -p lb-tests` rebuilds the `lb_userspace` library but not the `lb` binary:
@@ -524,7 +529,7 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
-        let mut cmd = Command::new(lb_bin());
+        let mut cmd = Command::new(find_lb_bin()?);
         cmd.args(["agent", "--config"])
             .arg(&self.config)
             .args(["--instance", &self.instance, "--netns", &self.netns])
@@ -635,11 +640,24 @@ impl Agent {
 }
 
 impl Drop for Agent {
+    // Must not panic: it runs while a failed test unwinds, before the namespaces go.
     fn drop(&mut self) {
         let _ = self.kill9();
-        let out = lb(&["agent", "--stop", "--instance", &self.instance]);
-        if !out.ok() {
-            eprintln!("agent {}: lb agent --stop: {}", self.instance, out.stderr);
+        let stop = find_lb_bin().and_then(|bin| {
+            Command::new(bin)
+                .args(["agent", "--stop", "--instance", &self.instance])
+                .stdin(Stdio::null())
+                .output()
+                .context("running lb agent --stop")
+        });
+        match stop {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "agent {}: lb agent --stop: {}",
+                self.instance,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("agent {}: {e:#}", self.instance),
         }
         let _ = fs::remove_file(self.socket());
         if thread::panicking() {

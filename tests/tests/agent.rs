@@ -4,7 +4,7 @@
 //! Every namespace, agent, pin and socket is a guard from `lb_tests::netns`: it is removed
 //! when the test ends, also when it fails.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     net::{Ipv4Addr, UdpSocket},
     os::unix::fs::{FileTypeExt, PermissionsExt},
@@ -111,6 +111,37 @@ fn program_id(a: &Agent) -> u64 {
         .expect("status has a numeric program_id")
 }
 
+/// The maps a loaded program uses (`bpftool prog show`): id -> name. Internal maps of
+/// global data (names with a '.', e.g. `.rodata`) are left out: they are constant.
+fn program_maps(prog: u64) -> Result<BTreeMap<u32, String>> {
+    let v: Value =
+        serde_json::from_str(&bpftool(&["-j", "prog", "show", "id", &prog.to_string()])?)?;
+    let mut out = BTreeMap::new();
+    for id in v["map_ids"].as_array().context("map_ids")? {
+        let id = id.as_u64().context("map id")? as u32;
+        let m: Value =
+            serde_json::from_str(&bpftool(&["-j", "map", "show", "id", &id.to_string()])?)?;
+        let name = m["name"].as_str().unwrap_or_default().to_string();
+        if !name.contains('.') {
+            out.insert(id, name);
+        }
+    }
+    Ok(out)
+}
+
+/// The maps pinned under the agent's directory: id -> file name.
+fn pinned_maps(a: &Agent) -> Result<BTreeMap<u32, String>> {
+    let mut out = BTreeMap::new();
+    for e in fs::read_dir(a.pin_dir())? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name != "lb" && name != "link" {
+            let id = MapData::from_pin(a.pin_dir().join(&name))?.info()?.id();
+            out.insert(id, name);
+        }
+    }
+    Ok(out)
+}
+
 /// `bpftool link show pinned`: (link id, program id).
 fn pinned_link(a: &Agent) -> Result<(u64, u64)> {
     let path = a.pin_dir().join("link");
@@ -198,6 +229,18 @@ fn agent_attaches_and_pins_everything_and_stop_detaches_and_removes_it_all() -> 
         let p = a.pin_dir().join(name);
         assert!(p.exists(), "{} should be pinned", p.display());
     }
+    // Every map the running program reads or writes is pinned: a restart can adopt it.
+    let pinned = pinned_maps(&a)?;
+    let unpinned: Vec<String> = program_maps(prog)?
+        .into_iter()
+        .filter(|(id, _)| !pinned.contains_key(id))
+        .map(|(_, name)| name)
+        .collect();
+    assert!(
+        unpinned.is_empty(),
+        "maps of program lb not pinned in {}: {unpinned:?}",
+        a.pin_dir().display()
+    );
     let vips = a.pin_dir().join("VIPS");
     let dump = bpftool(&["map", "dump", "pinned", vips.to_str().unwrap()])?;
     assert!(dump.contains("Found 1 element"), "VIPS dump: {dump}");
@@ -654,6 +697,15 @@ fn conns(a: &Agent) -> Result<BpfHashMap<MapData, FlowKey, ConnVal>> {
     Ok(BpfHashMap::try_from(Map::HashMap(data))?)
 }
 
+/// Sets the flag when dropped: the traffic threads end with the test, however it ends.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn map_id(a: &Agent, name: &str) -> Result<u32> {
     Ok(MapData::from_pin(a.pin_dir().join(name))?.info()?.id())
 }
@@ -723,6 +775,7 @@ backends = [{{ address = "198.18.0.2", mac = "{}" }}]
     let sent = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_threads = StopOnDrop(stop.clone()); // also when an assertion fails
     let receiver = {
         let (received, stop) = (received.clone(), stop.clone());
         thread::spawn(move || {
@@ -753,7 +806,7 @@ backends = [{{ address = "198.18.0.2", mac = "{}" }}]
                 seq += 1;
                 sent.store(seq, Ordering::Relaxed);
                 if seq > 100_000 {
-                    break; // the test is stuck; its assertions will say why
+                    break; // stuck: the assertions will say why
                 }
                 let next = start + PERIOD * seq as u32;
                 if let Some(d) = next.checked_duration_since(Instant::now()) {
@@ -793,6 +846,7 @@ backends = [{{ address = "198.18.0.2", mac = "{}" }}]
     let (link_id, link_prog) = pinned_link(&a)?;
     let mut programs = vec![program_id(&a)];
     assert_eq!(link_prog, programs[0]);
+    let first_maps = program_maps(programs[0])?;
 
     let mut down = Vec::new();
     for round in 1..=2 {
@@ -809,6 +863,11 @@ backends = [{{ address = "198.18.0.2", mac = "{}" }}]
             "round {round}: a new program instance is loaded ({prog} in {programs:?})"
         );
         programs.push(prog);
+        assert_eq!(
+            program_maps(prog)?,
+            first_maps,
+            "round {round}: the new program uses the very maps of the old one"
+        );
         assert_eq!(
             pinned_link(&a)?,
             (link_id, prog),

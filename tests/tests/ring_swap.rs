@@ -154,8 +154,11 @@ fn packets_see_the_old_ring_or_the_new_one_while_rings_are_rebuilt() {
                 let slot = flow_hash(42, &flow, false) as usize % 65537;
                 let ok = (lo..=hi).any(|k| Some(rings[k % CONFIGS][slot]) == got);
                 if !ok && bad.len() < 5 {
+                    let matches: Vec<usize> = (0..CONFIGS)
+                        .filter(|&k| Some(rings[k][slot]) == got)
+                        .collect();
                     bad.push(format!(
-                        "flow {n}: verdict {} to {got:?}, live {lo}, installing {hi}",
+                        "flow {n}: verdict {} to {got:?}, live {lo}, installing {hi}; rings (mod {CONFIGS}) giving that: {matches:?}",
                         r.return_value
                     ));
                 }
@@ -170,7 +173,25 @@ fn packets_see_the_old_ring_or_the_new_one_while_rings_are_rebuilt() {
     while t.elapsed().as_millis() < 1500 || k < 2 * CONFIGS {
         k += 1;
         installing.store(k, Ordering::SeqCst);
+        let before: BTreeMap<IpAddr, u32> = applied
+            .backends
+            .iter()
+            .map(|(a, (id, _))| (*a, *id))
+            .collect();
+        let prev_ring: std::collections::BTreeSet<u32> = applied
+            .vips
+            .values()
+            .flat_map(|v| v.ring.clone().unwrap_or_default())
+            .collect();
         reconcile::reconcile(&mut dp, &configs[k % CONFIGS], &mut applied, 1500).unwrap();
+        for (a, (id, _)) in &applied.backends {
+            if before.get(a) != Some(id) {
+                assert!(
+                    !prev_ring.contains(id),
+                    "install {k}: new backend {a} got id {id}, still named by the live ring"
+                );
+            }
+        }
         live.store(k, Ordering::SeqCst);
     }
     stop.store(true, Ordering::SeqCst);
