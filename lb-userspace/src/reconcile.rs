@@ -21,8 +21,9 @@ use crate::{
 pub struct AppliedVip {
     pub name: String,
     pub meta: VipMeta,
-    /// The live ring as backend ids (read back from RINGS when adopted).
-    pub ring: Option<Vec<u32>>,
+    /// Fingerprint of the live ring (read back from RINGS when adopted): enough to skip
+    /// rewriting an identical ring without keeping 256 KiB per VIP in the agent.
+    pub ring: u64,
     /// What the ring was built from: (VIP, hash seed, ring size); `None` when adopted.
     pub input: Option<(VipConfig, u32, u32)>,
 }
@@ -99,7 +100,7 @@ pub fn adopt(dp: &Dataplane) -> Result<Applied> {
             AppliedVip {
                 name: String::new(),
                 meta,
-                ring: Some(ring),
+                ring: ring_hash(&ring),
                 input: None,
             },
         );
@@ -136,6 +137,16 @@ pub fn dataplane_config(cfg: &Config, mtu: u32) -> Result<lb_common::Config> {
         c.src6_mask = host.to_be();
     }
     Ok(c)
+}
+
+/// FNV-1a over a ring's backend ids.
+pub fn ring_hash(ring: &[u32]) -> u64 {
+    ring.iter()
+        .flat_map(|id| id.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        })
+        ^ ring.len() as u64
 }
 
 /// The Maglev ring of a VIP: active backends, named by address so that every LB host
@@ -269,7 +280,7 @@ pub fn reconcile(
         let forwarding = v.forwarding.to_common() as u8;
         let (id, which, is_new) = match applied.vips.get(&key) {
             Some(a) => {
-                let unchanged = a.ring.as_ref() == Some(&ring)
+                let unchanged = a.ring == ring_hash(&ring)
                     && a.meta.flags == flags
                     && a.meta.forwarding == forwarding;
                 if unchanged {
@@ -301,7 +312,7 @@ pub fn reconcile(
             AppliedVip {
                 name: v.name.clone(),
                 meta,
-                ring: Some(ring),
+                ring: ring_hash(&ring),
                 input: Some(input),
             },
         );
