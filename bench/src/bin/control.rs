@@ -510,11 +510,6 @@ fn agent_bench() -> Result<()> {
         "peak RSS (VmHWM)",
         hwm as f64 / 1e3 * 1.024
     );
-    println!(
-        "{:<52} {:>9.1} MB",
-        "  rings kept in agent memory (100 x 65537 x 4 B)",
-        (NVIPS as f64 * M as f64 * 4.0) / 1e6
-    );
 
     map_memory(&env.pin_dir(), &cfg)?;
     drop(env);
@@ -784,7 +779,7 @@ fn map_memory(pins: &Path, cfg: &Config) -> Result<()> {
         mb(u64::from(a.max_backends) * 24),
         mb(measured("BACKENDS"))
     );
-    let per_vip = 2 * ring * 8
+    let per_vip = 2 * stride * 4
         + 8
         + cpus * counters
         + (k.htab_elem + 24 + 16 + k.bucket)
@@ -794,7 +789,7 @@ fn map_memory(pins: &Path, cfg: &Config) -> Result<()> {
         "=> per VIP slot ~{} B (rings {} + VIP_STATS + VIPS + VIP_ADDRS), per backend slot {} B, \
          per connection slot ~{} B",
         per_vip,
-        2 * ring * 8,
+        2 * stride * 4,
         per_be,
         conn_elem + k.bucket
     );
