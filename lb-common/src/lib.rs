@@ -145,7 +145,21 @@ pub struct FlowKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnVal {
     pub backend: u32,
-    pub _pad: u32,
+    /// Id of the VIP the flow belongs to: with `VIP_INFO` it lets an established flow skip
+    /// the `VIPS` lookup.
+    pub vip: u32,
+}
+
+/// Element of the `VIP_INFO` array, indexed by VIP id: a mirror of `VIPS` (key and
+/// forwarding of each live VIP id) that established flows check instead of a hash lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    pub key: VipKey,
+    pub forwarding: u8,
+    /// 1 while the VIP exists.
+    pub live: u8,
+    pub _pad: [u8; 2],
 }
 
 /// The one element of the `CONFIG` array.
@@ -356,6 +370,7 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ConnVal {}
+    unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counters {}
 }
@@ -373,6 +388,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<ConnVal>(), 8);
+        assert_eq!(size_of::<VipInfo>(), 24);
         assert_eq!(size_of::<Config>(), 44);
         assert_eq!(size_of::<Counters>(), 24);
     }

@@ -8,7 +8,7 @@ use crate::{
     forward::{forward, Frame},
     maps::{
         bump_counters, BACKENDS, BE_STATS, CONFIG, CONNS, RINGS, VIPS, VIP_ADDRS, VIP_FILTER,
-        VIP_STATS,
+        VIP_INFO, VIP_STATS,
     },
     pkt::*,
 };
@@ -195,10 +195,45 @@ fn l4_to_vip(
         return pass(Reason::PassNotVip);
     }
     let key = VipKey { addr: dst, port: flow.dport, proto, family: frame.family };
+    // Established flow fast path: the entry names its VIP, VIP_INFO confirms that VIP still
+    // has this key (an array read instead of the VIPS hash lookup). Same result as the full
+    // path below, which handles everything else.
+    let conn = CONNS.get_ptr(&flow).map(|c| unsafe { *c });
+    if let Some(c) = conn {
+        if let Some(info) = VIP_INFO.get(c.vip) {
+            if info.live != 0 && info.key == key {
+                if let Some(be) = BACKENDS.get(c.backend) {
+                    if be.state == BACKEND_UP || be.state == BACKEND_DRAINING {
+                        return established(ctx, frame, &flow, c, info.forwarding, be);
+                    }
+                }
+            }
+        }
+    }
     let Some(vip) = VIPS.get_ptr(&key) else {
         return pass(Reason::PassNotVip);
     };
-    to_backend(ctx, frame, &flow, unsafe { &*vip }, false)
+    to_backend(ctx, frame, &flow, unsafe { &*vip }, conn, false)
+}
+
+#[inline(always)]
+fn established(
+    ctx: &XdpContext,
+    frame: &Frame,
+    flow: &FlowKey,
+    c: ConnVal,
+    forwarding: u8,
+    be: &Backend,
+) -> Verdict {
+    let Some(cfg) = CONFIG.get(0) else {
+        return drop(Reason::DropNoConfig);
+    };
+    bump_counters(&VIP_STATS, c.vip, frame.len as u64, false);
+    let verdict = forward(ctx, frame, flow, forwarding, be, cfg, false);
+    if verdict.1 == Reason::TxForward {
+        bump_counters(&BE_STATS, c.backend, frame.len as u64, false);
+    }
+    verdict
 }
 
 /// ICMP error about a VIP flow: forward to the backend of the quoted flow.
@@ -297,16 +332,24 @@ fn quoted_flow(
         family: frame.family,
         _pad: [0; 2],
     };
-    to_backend(ctx, frame, &flow, unsafe { &*vip }, true)
+    let conn = CONNS.get_ptr(&flow).map(|c| unsafe { *c });
+    to_backend(ctx, frame, &flow, unsafe { &*vip }, conn, true)
 }
 
 /// Connection table first, then the VIP's Maglev ring.
 #[inline(always)]
-fn to_backend(ctx: &XdpContext, frame: &Frame, flow: &FlowKey, vip: &VipMeta, icmp: bool) -> Verdict {
+fn to_backend(
+    ctx: &XdpContext,
+    frame: &Frame,
+    flow: &FlowKey,
+    vip: &VipMeta,
+    conn: Option<ConnVal>,
+    icmp: bool,
+) -> Verdict {
     let Some(cfg) = CONFIG.get(0) else {
         return drop(Reason::DropNoConfig);
     };
-    let (id, be, new) = match select(flow, vip, cfg, !icmp) {
+    let (id, be, new) = match select(flow, vip, cfg, conn, !icmp) {
         Ok(sel) => sel,
         Err(r) => {
             bump_counters(&VIP_STATS, vip.id, frame.len as u64, false);
@@ -327,13 +370,17 @@ fn select<'a>(
     flow: &FlowKey,
     vip: &VipMeta,
     cfg: &Config,
+    conn: Option<ConnVal>,
     insert: bool,
 ) -> Result<(u32, &'a Backend, bool), Reason> {
-    if let Some(conn) = CONNS.get_ptr(flow) {
-        let id = unsafe { (*conn).backend };
-        if let Some(be) = BACKENDS.get(id) {
+    if let Some(c) = conn {
+        if let Some(be) = BACKENDS.get(c.backend) {
             if be.state == BACKEND_UP || be.state == BACKEND_DRAINING {
-                return Ok((id, be, false));
+                // An entry from the VIP's earlier life under another id: adopt it.
+                if insert && c.vip != vip.id {
+                    let _ = CONNS.insert(flow, ConnVal { backend: c.backend, vip: vip.id }, 0);
+                }
+                return Ok((c.backend, be, false));
             }
         }
     }
@@ -353,7 +400,7 @@ fn select<'a>(
         return Err(Reason::DropNoBackend);
     }
     if insert {
-        let _ = CONNS.insert(flow, ConnVal { backend: id, _pad: 0 }, 0);
+        let _ = CONNS.insert(flow, ConnVal { backend: id, vip: vip.id }, 0);
     }
     Ok((id, be, true))
 }

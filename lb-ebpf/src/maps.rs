@@ -6,13 +6,18 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, Backend, Config, ConnVal, Counters, FlowKey, VipKey, VipMeta, DEFAULT_RING_SIZE,
+    AddrKey, Backend, Config, ConnVal, Counters, FlowKey, VipInfo, VipKey, VipMeta, DEFAULT_RING_SIZE,
     MAX_BACKENDS, MAX_CONNS, MAX_VIPS, NUM_DECAP_REASONS, NUM_REASONS, RINGS_PER_VIP,
 };
 
 /// (address, port, protocol) → VIP.
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// VIP id → its key and forwarding: established flows check their VIP here (an inlined
+/// array read) instead of looking it up in `VIPS` (a hash).
+#[map]
+pub static VIP_INFO: Array<VipInfo> = Array::with_max_entries(MAX_VIPS, 0);
 
 /// Addresses that carry at least one VIP (for fragments, ICMP and other protocols).
 #[map]

@@ -76,6 +76,7 @@ pub struct Dataplane {
     pub vips: HashMap<MapData, VipKey, VipMeta>,
     pub vip_addrs: HashMap<MapData, AddrKey, u32>,
     pub vip_filter: Array<MapData, u64>,
+    pub vip_info: Array<MapData, VipInfo>,
     /// Two ring slots per element; see [`Dataplane::write_ring`].
     pub rings: Array<MapData, [u32; 2]>,
     pub backends: Array<MapData, Backend>,
@@ -92,10 +93,11 @@ pub struct Dataplane {
 }
 
 /// Every map of the object, by the name it is pinned under.
-pub const MAP_NAMES: [&str; 11] = [
+pub const MAP_NAMES: [&str; 12] = [
     "VIPS",
     "VIP_ADDRS",
     "VIP_FILTER",
+    "VIP_INFO",
     "RINGS",
     "BACKENDS",
     "CONNS",
@@ -131,6 +133,7 @@ impl Dataplane {
             .map_max_entries("VIPS", sizes.max_vips)
             .map_max_entries("VIP_ADDRS", sizes.max_vips)
             .map_max_entries("VIP_STATS", sizes.max_vips)
+            .map_max_entries("VIP_INFO", sizes.max_vips)
             .map_max_entries("RINGS", sizes.ring_entries()?)
             .map_max_entries("BACKENDS", sizes.max_backends)
             .map_max_entries("BE_STATS", sizes.max_backends)
@@ -179,6 +182,7 @@ impl Dataplane {
             vips: HashMap::try_from(take(&mut ebpf, "VIPS")?)?,
             vip_addrs: HashMap::try_from(take(&mut ebpf, "VIP_ADDRS")?)?,
             vip_filter: Array::try_from(take(&mut ebpf, "VIP_FILTER")?)?,
+            vip_info: Array::try_from(take(&mut ebpf, "VIP_INFO")?)?,
             rings: Array::try_from(rings)?,
             backends: Array::try_from(take(&mut ebpf, "BACKENDS")?)?,
             conns: HashMap::try_from(take(&mut ebpf, "CONNS")?)?,
@@ -313,13 +317,24 @@ impl Dataplane {
         self.vip_addrs
             .insert(ak, 1, 0)
             .context("writing VIP_ADDRS")?;
+        self.set_vip_info(meta.id, &vip_info(key, meta))?;
         self.vips.insert(key, meta, 0).context("writing VIPS")
+    }
+
+    /// `VIP_INFO[id]`, written only when it differs (one array element).
+    pub fn set_vip_info(&mut self, id: u32, info: &VipInfo) -> Result<()> {
+        if self.vip_info.get(&id, 0)? != *info {
+            self.vip_info.set(id, info, 0).context("writing VIP_INFO")?;
+        }
+        Ok(())
     }
 
     /// Remove a VIP; its address leaves `VIP_ADDRS` (and its bit `VIP_FILTER`, unless
     /// another address shares it) with its last VIP.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        let meta = self.vips.get(key, 0).context("removing from VIPS")?;
         self.vips.remove(key).context("removing from VIPS")?;
+        self.set_vip_info(meta.id, &VipInfo::default())?;
         let keys: Vec<VipKey> = self.vips.keys().filter_map(|k| k.ok()).collect();
         if !keys
             .iter()
@@ -361,6 +376,16 @@ impl Dataplane {
 
     pub fn backend_counters(&self, id: u32) -> Result<Counters> {
         Ok(sum_counters(&self.be_stats.get(&id, 0)?))
+    }
+}
+
+/// What `VIP_INFO` holds for a live VIP.
+pub fn vip_info(key: &VipKey, meta: &VipMeta) -> VipInfo {
+    VipInfo {
+        key: *key,
+        forwarding: meta.forwarding,
+        live: 1,
+        _pad: [0; 2],
     }
 }
 

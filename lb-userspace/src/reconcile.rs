@@ -338,6 +338,10 @@ pub fn reconcile(
     if dp.vip_filter.get(&0, 0)? != desired_filter {
         dp.vip_filter.set(0, desired_filter, 0)?;
     }
+    // VIP_INFO mirrors VIPS; rewritten where it does not (e.g. maps of an older agent).
+    for (key, a) in &applied.vips {
+        dp.set_vip_info(a.meta.id, &crate::dataplane::vip_info(key, &a.meta))?;
+    }
     // After any flip, wait until no packet can still be reading an old ring: only then may
     // the next reconcile rewrite that buffer, or the backends only it named be retired.
     if ch.rings_rebuilt > 0 || ch.vips_removed > 0 {

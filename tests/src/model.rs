@@ -394,9 +394,19 @@ impl Model {
         flow: &FlowKey,
         insert: bool,
     ) -> Result<(u32, bool), Reason> {
-        if let Some(c) = self.conns.get(flow) {
+        if let Some(&c) = self.conns.get(flow) {
             if let Some(be) = self.backends.get(c.backend as usize) {
                 if be.state == BACKEND_UP || be.state == BACKEND_DRAINING {
+                    // An entry made under another VIP id is rewritten with this VIP's id.
+                    if insert && c.vip != meta.id {
+                        self.conns.insert(
+                            *flow,
+                            ConnVal {
+                                backend: c.backend,
+                                vip: meta.id,
+                            },
+                        );
+                    }
                     return Ok((c.backend, false));
                 }
             }
@@ -427,7 +437,7 @@ impl Model {
             *flow,
             ConnVal {
                 backend: b,
-                _pad: 0,
+                vip: meta.id,
             },
         );
         self.vip_stats.entry(meta.id).or_default().new_flows += 1;
@@ -1713,7 +1723,7 @@ mod tests {
             flow,
             ConnVal {
                 backend: B4C,
-                _pad: 0,
+                vip: 0,
             },
         );
         let flow6 = flow6(CLIENT6, 5555, VIP6, 80, UDP);
@@ -1721,7 +1731,7 @@ mod tests {
             flow6,
             ConnVal {
                 backend: B6B,
-                _pad: 0,
+                vip: 0,
             },
         );
 
@@ -1909,7 +1919,7 @@ mod tests {
             flow,
             ConnVal {
                 backend: B4C,
-                _pad: 0,
+                vip: 0,
             },
         );
         assert_eq!((m.lb(&f).backend, m.lb(&f).new_flow), (Some(B4C), false));
@@ -1927,13 +1937,7 @@ mod tests {
         assert_eq!(m.be_stats[&B4A].new_flows, 1);
         // EMPTY and out-of-range backends too.
         for b in [0, 99, u32::MAX] {
-            m.conns.insert(
-                flow,
-                ConnVal {
-                    backend: b,
-                    _pad: 0,
-                },
-            );
+            m.conns.insert(flow, ConnVal { backend: b, vip: 0 });
             let o = m.lb(&f);
             assert_eq!((o.backend, o.new_flow), (Some(B4A), true));
         }
@@ -1971,7 +1975,7 @@ mod tests {
             flow,
             ConnVal {
                 backend: B4B,
-                _pad: 0,
+                vip: 0,
             },
         );
         assert_eq!(m.lb(&f).backend, Some(B4B));

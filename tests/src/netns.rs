@@ -13,7 +13,9 @@
 //!   namespace, e.g. to open sockets there (a socket stays in the namespace it was opened
 //!   in, whichever thread uses it later).
 //! - [`RawSocket`]: an `AF_PACKET` socket to send and receive whole Ethernet frames.
-//! - [`lb_bin`], [`lb`]: the `lb` binary next to the test executable, and running it.
+//! - [`lb_bin`], [`lb`]: the `lb` binary next to the test executable, and running it;
+//!   [`find_bin`] for any other binary of this build.
+//! - [`Process`]: a program started inside a namespace, killed when dropped.
 use std::{
     ffi::CString,
     fs,
@@ -74,6 +76,16 @@ impl Netns {
         let name = unique_name(prefix);
         run("ip", &["netns", "add", &name])?;
         let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Create a namespace with exactly this name (fails if it exists), loopback up.
+    pub fn create(name: &str) -> Result<Netns> {
+        run("ip", &["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_string(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -310,6 +322,92 @@ impl RawSocket {
     }
 }
 
+/// A program started inside a network namespace with `ip netns exec NS program args...`
+/// (which execs it: the process id is the program's), stdout and stderr appended to a log
+/// file. Dropping it kills (SIGKILL) and reaps the process; the log is printed if a test
+/// is failing, then removed.
+#[derive(Debug)]
+pub struct Process {
+    what: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Process {
+    /// Start `program args...` in `ns`. With `own_process_group` it gets a process group of
+    /// its own (it survives a Ctrl-C of the terminal that started it).
+    pub fn spawn(
+        ns: &Netns,
+        program: &Path,
+        args: &[&str],
+        log: &Path,
+        own_process_group: bool,
+    ) -> Result<Process> {
+        let what = format!("{} {} (netns {})", program.display(), args.join(" "), ns.name());
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        if own_process_group {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        let child = cmd.spawn().with_context(|| format!("spawning {what}"))?;
+        Ok(Process {
+            what,
+            log: log.to_path_buf(),
+            child: Some(child),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("process reaped").id()
+    }
+
+    /// Everything the process wrote so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// An error with the log if the process has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        let child = self
+            .child
+            .as_mut()
+            .ok_or_else(|| anyhow!("{} was reaped", self.what))?;
+        if let Some(st) = child.try_wait()? {
+            bail!("{} exited ({st}); log:\n{}", self.what, self.log());
+        }
+        Ok(())
+    }
+
+    /// Kill (SIGKILL) and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+        if thread::panicking() {
+            eprintln!("{} log ({}):\n{}", self.what, self.log.display(), self.log());
+        }
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
 /// A directory under the system temp dir, removed when dropped.
 #[derive(Debug)]
 pub struct TempDir {
@@ -321,6 +419,14 @@ impl TempDir {
         let path = std::env::temp_dir().join(unique_name(prefix));
         fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(TempDir { path })
+    }
+
+    /// A directory at exactly `path` (created if missing), removed when dropped.
+    pub fn create(path: &Path) -> Result<TempDir> {
+        fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(TempDir {
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -338,29 +444,46 @@ impl Drop for TempDir {
     }
 }
 
-/// The `lb` binary of this build: `target/<profile>/lb` beside the test executable
-/// (`target/<profile>/deps/<test>`), else the other profile's; `$LB_BIN` overrides.
-/// An error with instructions if there is none.
-pub fn find_lb_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("LB_BIN") {
+/// A binary of this build: `$env` if that is set, else `name` beside the running
+/// executable (`target/<profile>/` for a binary, `target/<profile>/deps/` for a test) or in
+/// `target/release` / `target/debug`. The error lists where it looked.
+pub fn find_bin(name: &str, env: Option<&str>) -> Result<PathBuf> {
+    if let Some(p) = env.and_then(std::env::var_os) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().context("current_exe")?;
     let mut tried = Vec::new();
-    // target/<profile>/deps/<test> -> target/<profile> -> target
-    if let Some(profile) = exe.parent().and_then(Path::parent) {
-        tried.push(profile.join("lb"));
-        if let Some(target) = profile.parent() {
-            tried.push(target.join("release/lb"));
-            tried.push(target.join("debug/lb"));
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let dirs: Vec<&Path> = exe.ancestors().skip(1).take(2).collect();
+    for d in &dirs {
+        tried.push(d.join(name));
+    }
+    for d in &dirs {
+        if let Some(target) = d.parent() {
+            tried.push(target.join("release").join(name));
+            tried.push(target.join("debug").join(name));
         }
     }
-    let bin = tried.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+    tried.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
         anyhow!(
-            "the `lb` binary was not found beside {} (target/release/lb or target/debug/lb); \
-             build it first: `cargo build --release -p lb-userspace` (or run the tests with \
-             `cargo test --release --workspace`), or point LB_BIN at it",
-            exe.display()
+            "the `{name}` binary was not found (looked at {})",
+            tried
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
+/// The `lb` binary of this build: `target/<profile>/lb` beside the test executable
+/// (`target/<profile>/deps/<test>`), else the other profile's; `$LB_BIN` overrides.
+/// An error with instructions if there is none.
+pub fn find_lb_bin() -> Result<PathBuf> {
+    let bin = find_bin("lb", Some("LB_BIN")).map_err(|e| {
+        anyhow!(
+            "{e}; build it first: `cargo build --release -p lb-userspace` (or run the tests \
+             with `cargo test --release --workspace`), or point LB_BIN at it"
         )
     })?;
     warn_if_stale(&bin);
@@ -474,6 +597,7 @@ pub struct Agent {
     netns: String,
     log: PathBuf,
     child: Option<Child>,
+    own_process_group: bool,
 }
 
 impl Agent {
@@ -486,15 +610,32 @@ impl Agent {
 
     /// An agent guard that is not running yet (see [`Agent::spawn`], [`Agent::run_to_exit`]).
     pub fn new(ns: &Netns, config: &Path) -> Agent {
-        let instance = unique_name("lbt");
-        let log = std::env::temp_dir().join(format!("{instance}.log"));
+        Agent::with_instance(ns, config, &unique_name("lbt"))
+    }
+
+    /// As [`Agent::new`] with a chosen instance name (pins `/sys/fs/bpf/<instance>`, socket
+    /// `/run/lb/<instance>.sock`, log `<tmp>/<instance>.log`).
+    pub fn with_instance(ns: &Netns, config: &Path, instance: &str) -> Agent {
         Agent {
-            instance,
+            instance: instance.to_string(),
             config: config.to_path_buf(),
             netns: ns.name().to_string(),
-            log,
+            log: std::env::temp_dir().join(format!("{instance}.log")),
             child: None,
+            own_process_group: false,
         }
+    }
+
+    /// Start the process in a process group of its own, so that it outlives a Ctrl-C or
+    /// hangup of the terminal that started it (for agents meant to be left running).
+    pub fn in_own_process_group(mut self) -> Agent {
+        self.own_process_group = true;
+        self
+    }
+
+    /// Where the agent's stderr goes.
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     pub fn instance(&self) -> &str {
@@ -537,6 +678,10 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if self.own_process_group {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
         Ok(cmd)
     }
 
