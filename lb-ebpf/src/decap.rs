@@ -84,15 +84,7 @@ pub fn decap(ctx: &XdpContext) -> (u32, DecapReason) {
     let Some(p) = check(ctx, 0, l3) else {
         return (XDP_DROP, DecapReason::DropMalformed);
     };
-    dst.store(p);
-    src.store(p + 6);
     let et = if family == 4 { ETH_P_IP } else { ETH_P_IPV6 };
-    if l3 == 18 {
-        st16(p + 12, ETH_P_8021Q);
-        st16(p + 14, tag);
-        st16(p + 16, et);
-    } else {
-        st16(p + 12, et);
-    }
+    write_eth(p, l3, dst, src, tag, et);
     (XDP_PASS, DecapReason::Decapped)
 }

@@ -82,16 +82,8 @@ pub fn forward(
     let Some(p) = check(ctx, 0, 18) else {
         return (XDP_DROP, Reason::DropHelper);
     };
-    mac.store(p);
-    old_dst.store(p + 6);
     let et = if outer6 { ETH_P_IPV6 } else { ETH_P_IP };
-    if l3 == 18 {
-        st16(p + 12, ETH_P_8021Q);
-        st16(p + 14, tag);
-        st16(p + 16, et);
-    } else {
-        st16(p + 12, et);
-    }
+    write_eth(p, l3, mac, old_dst, tag, et);
 
     let entropy = flow_entropy(flow);
     let inner_proto = if gue {

@@ -65,6 +65,21 @@ impl Mac {
     }
 }
 
+/// Write an Ethernet header at `p` (checked for `l3` bytes): `dst`, `src`, and, when
+/// `l3 == 18`, the 802.1Q tag `tag` before the ethertype `et`.
+#[inline(always)]
+pub fn write_eth(p: usize, l3: usize, dst: Mac, src: Mac, tag: u16, et: u16) {
+    dst.store(p);
+    src.store(p + 6);
+    if l3 == 18 {
+        st16(p + 12, ETH_P_8021Q);
+        st16(p + 14, tag);
+        st16(p + 16, et);
+    } else {
+        st16(p + 12, et);
+    }
+}
+
 /// Raw (wire-order) ethertypes and bytes as native-endian words.
 pub const ETH_P_IP: u16 = 0x0800u16.to_be();
 pub const ETH_P_IPV6: u16 = 0x86DDu16.to_be();

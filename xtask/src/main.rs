@@ -62,6 +62,59 @@ extern "C" {
     fn libc_geteuid() -> u32;
 }
 
+/// `cargo test` over the workspace, its output passed through, then one closing line with
+/// the totals of every test binary (cargo prints one `test result:` per binary, many of
+/// them for targets without tests).
+fn test(cargo: &str, args: &[String]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(cargo)
+        .current_dir(root())
+        .args([
+            "test",
+            "--workspace",
+            "--release",
+            "--no-fail-fast",
+            "--lib",
+            "--bins",
+            "--tests",
+            "--",
+        ])
+        .args(["--test-threads", "2"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim().strip_suffix(word).map(|n| {
+                            n.trim()
+                                .rsplit(' ')
+                                .next()
+                                .unwrap_or("0")
+                                .parse::<u64>()
+                                .unwrap_or(0)
+                        })
+                    })
+                    .unwrap_or(0)
+            };
+            passed += num("passed");
+            failed += num("failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -69,11 +122,15 @@ fn main() -> Result<()> {
         Cmd::Setup => setup(),
         Cmd::Test { args } => {
             setup()?;
-            run(Command::new(&cargo)
-                .current_dir(root())
-                .args(["test", "--workspace", "--release", "--"])
-                .args(["--test-threads", "2"])
-                .args(&args))
+            // The tests run the real `lb` binary (and test servers): build every binary
+            // first, `cargo test` alone builds only test targets.
+            run(Command::new(&cargo).current_dir(root()).args([
+                "build",
+                "--workspace",
+                "--release",
+                "--bins",
+            ]))?;
+            test(&cargo, &args)
         }
         Cmd::Demo => {
             setup()?;
