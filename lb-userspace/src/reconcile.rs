@@ -246,9 +246,7 @@ pub fn reconcile(
     let mut used: BTreeSet<u32> = applied.backends.values().map(|(id, _)| *id).collect();
     for (addr, be) in &want {
         match applied.backends.get(addr) {
-            Some((id, old)) if old == be => {
-                let _ = id;
-            }
+            Some((_, old)) if old == be => {}
             Some(&(id, _)) => {
                 dp.set_backend(id, be)?;
                 applied.backends.insert(*addr, (id, *be));

@@ -5,3 +5,4 @@ pub mod harness;
 pub mod model;
 pub mod netns;
 pub mod packets;
+pub mod testbed;

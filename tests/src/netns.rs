@@ -343,7 +343,12 @@ impl Process {
         log: &Path,
         own_process_group: bool,
     ) -> Result<Process> {
-        let what = format!("{} {} (netns {})", program.display(), args.join(" "), ns.name());
+        let what = format!(
+            "{} {} (netns {})",
+            program.display(),
+            args.join(" "),
+            ns.name()
+        );
         let out = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -402,7 +407,12 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
         if thread::panicking() {
-            eprintln!("{} log ({}):\n{}", self.what, self.log.display(), self.log());
+            eprintln!(
+                "{} log ({}):\n{}",
+                self.what,
+                self.log.display(),
+                self.log()
+            );
         }
         let _ = fs::remove_file(&self.log);
     }
