@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's entry points. `setup` installs what a fresh machine lacks,
-//! `test` runs the whole suite (what CI runs), `bench` prints the benchmark tables.
+//! `test` runs the whole suite (what CI runs), `bench` prints the benchmark tables,
+//! `testbed up|down` builds / removes the namespace testbed.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -32,6 +33,31 @@ enum Cmd {
     Bench {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// The namespace testbed (client, LB on a stick, backends with servers, a bridge),
+    /// left running: `up` builds it and prints how to use it, `down` removes it.
+    Testbed {
+        #[command(subcommand)]
+        cmd: TestbedCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TestbedCmd {
+    /// Set up, build, then build the testbed, start the agent with a TCP and a UDP VIP per
+    /// forwarding path, and print namespaces, addresses, VIPs and commands to try.
+    Up {
+        /// Everything it makes is named `<prefix>-...`.
+        #[arg(long, default_value = "lbtb")]
+        prefix: String,
+        #[arg(long, default_value_t = 3)]
+        backends: usize,
+    },
+    /// Remove everything named `<prefix>-...`: processes, XDP programs and pins,
+    /// namespaces, sockets, files (also what a crashed run left).
+    Down {
+        #[arg(long, default_value = "lbtb")]
+        prefix: String,
     },
 }
 
@@ -159,6 +185,36 @@ fn main() -> Result<()> {
                     .args(args))?;
             }
             Ok(())
+        }
+        Cmd::Testbed { cmd } => {
+            let args = match cmd {
+                TestbedCmd::Up { prefix, backends } => {
+                    setup()?;
+                    // The testbed runs `lb` and `lb-testbed-server`: build them current.
+                    run(Command::new(&cargo).current_dir(root()).args([
+                        "build",
+                        "--release",
+                        "-p",
+                        "lb-userspace",
+                        "-p",
+                        "lb-tests",
+                        "--bins",
+                    ]))?;
+                    vec![
+                        "up".to_string(),
+                        "--prefix".into(),
+                        prefix,
+                        "--backends".into(),
+                        backends.to_string(),
+                    ]
+                }
+                TestbedCmd::Down { prefix } => vec!["down".into(), "--prefix".into(), prefix],
+            };
+            run(Command::new(&cargo)
+                .current_dir(root())
+                .args(["run", "--quiet", "--release", "-p", "lb-tests", "--bin"])
+                .args(["testbed", "--"])
+                .args(args))
         }
     }
 }

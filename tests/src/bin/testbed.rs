@@ -1,0 +1,66 @@
+//! `cargo xtask testbed up|down`: the namespace testbed of `lb_tests::testbed`, left
+//! running for people (and the demo) to use.
+//!
+//! ```text
+//! testbed up   [--prefix lbtb] [--backends 3]   build it, start the agent with a TCP and a
+//!                                               UDP VIP per forwarding path, print it all
+//! testbed down [--prefix lbtb]                  remove everything named <prefix>-...
+//! ```
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use lb_tests::testbed::{down_prefix, standard_vips, Testbed, TestbedOpts};
+
+const USAGE: &str = "usage: testbed up [--prefix P] [--backends N] | testbed down [--prefix P]";
+
+fn run() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let cmd = args.next().unwrap_or_default();
+    let (mut prefix, mut backends) = ("lbtb".to_string(), 3usize);
+    while let Some(a) = args.next() {
+        let val = args
+            .next()
+            .with_context(|| format!("{a} needs a value\n{USAGE}"))?;
+        match a.as_str() {
+            "--prefix" => prefix = val,
+            "--backends" => backends = val.parse().context("--backends")?,
+            _ => bail!("unknown argument {a}\n{USAGE}"),
+        }
+    }
+    match cmd.as_str() {
+        "up" => {
+            let mut tb = Testbed::up(
+                TestbedOpts::default()
+                    .prefix(&prefix)
+                    .backends(backends)
+                    .detach(true),
+            )?;
+            let cfg = tb.agent_config(&standard_vips())?;
+            tb.start_agent(&cfg)?;
+            print!("{}", tb.describe());
+            println!("  cargo xtask testbed down --prefix {prefix}   (removes it all)");
+            tb.keep();
+            Ok(())
+        }
+        "down" => {
+            let found = down_prefix(&prefix)?;
+            if found.is_empty() {
+                println!("testbed {prefix}: nothing to remove");
+            } else {
+                println!("testbed {prefix}: removed\n  {found:#}");
+            }
+            Ok(())
+        }
+        _ => bail!("{USAGE}"),
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("testbed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

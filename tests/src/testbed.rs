@@ -1,0 +1,1378 @@
+//! A whole load-balancing setup in network namespaces: a client, the LB "on a stick" and N
+//! backends with real servers, joined by a Linux bridge. The end-to-end tests, `cargo xtask
+//! testbed up|down` and the demo are built on it.
+//!
+//! ```text
+//!                       <prefix>-bridge: br0
+//!        ┌──────────────────┬──────────┴─────────┬──────────────────┐
+//!   <prefix>-client    <prefix>-lb          <prefix>-be1  ...  <prefix>-beN
+//!   eth0 198.18.0.100  eth0 198.18.0.2      eth0 198.18.0.11    198.18.0.(10+N)
+//!   2001:db8::100      2001:db8::2          2001:db8::11        2001:db8::(10+N)
+//!   VIPs via the LB    XDP `lb` (agent);    XDP `decap`; VIP ranges local on lo;
+//!                      bridge side: `pass`  lb-testbed-server (HTTP, UDP echo)
+//! ```
+//!
+//! - Everything is named `<prefix>-...`: namespaces, the agent instance `<prefix>-lb` (its
+//!   pins `/sys/fs/bpf/<prefix>-lb`, socket `/run/lb/<prefix>-lb.sock`, log
+//!   `<tmp>/<prefix>-lb.log`), the pinned `pass`/`decap` links and their maps
+//!   (`/sys/fs/bpf/<prefix>-xdp`), the state directory `<tmp>/<prefix>-testbed` (agent
+//!   config, server logs). So [`down_prefix`] finds and removes all of it, also after a
+//!   crash, and [`leftovers`] tells whether anything remains.
+//! - Addresses only from 198.18.0.0/15 and 2001:db8::/32, MACs `02:1b:00:00:00:<host>`
+//!   (`02:1b:00:00:01:<host>` on the bridge side). VIPs come from [`VIP4_RANGE`] and
+//!   [`VIP6_RANGE`]: the client routes both via the LB, every backend has them as local
+//!   routes on `lo` (any VIP in the ranges works without touching the backends) and answers
+//!   the client directly (DSR).
+//! - The `pass` and `decap` programs are loaded here and their links pinned, so they stay
+//!   attached after this process exits ([`Testbed::keep`], `cargo xtask testbed up`).
+//!
+//! ```no_run
+//! # use lb_tests::testbed::*;
+//! # fn main() -> anyhow::Result<()> {
+//! let mut tb = Testbed::up(TestbedOpts::default())?;
+//! let web = ForwardingPath::get("ipip4").tcp();
+//! tb.start_agent(&tb.agent_config(&[])?)?;
+//! tb.add_vip(&web)?; // through the `lb` CLI, as an operator would
+//! let reply = tb.http_get(web.socket_addr(), "/")?;
+//! println!("{} answered", reply.backend());
+//! tb.down()?; // or drop it
+//! # Ok(()) }
+//! ```
+use std::{
+    ffi::CString,
+    fmt, fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{Map, MapData, PerCpuArray},
+    programs::{links::FdLink, XdpMode},
+};
+use lb_userspace::{
+    config::{BackendConfig, Config, Forwarding, Protocol, VipConfig, DEFAULT_WEIGHT},
+    dataplane::{Dataplane, Sizes},
+};
+
+use crate::netns::{
+    find_bin, find_lb_bin, fmt_mac, lb, unique_name, veth_pair, Agent, LbOut, Netns, Process,
+    TempDir, VethEnd,
+};
+
+/// IPv4 VIPs: routed via the LB by the client, local on every backend.
+pub const VIP4_RANGE: &str = "198.18.10.0/24";
+/// IPv6 VIPs: routed via the LB by the client, local on every backend.
+pub const VIP6_RANGE: &str = "2001:db8:10::/64";
+/// Outer source prefixes of encapsulated packets (`agent.encap_source_v4/v6`).
+pub const ENCAP_SOURCE_V4: &str = "198.18.255.0/24";
+pub const ENCAP_SOURCE_V6: &str = "2001:db8:ff::/112";
+/// Default ports of the backends' servers.
+pub const HTTP_PORT: u16 = 80;
+pub const UDP_PORT: u16 = 53;
+/// Every host's interface into the bridge.
+pub const IFACE: &str = "eth0";
+/// The bridge, in `<prefix>-bridge`.
+pub const BRIDGE: &str = "br0";
+pub const MAX_BACKENDS: usize = 50;
+
+/// Binaries a testbed runs: processes with one of these names and an argument naming the
+/// prefix are the testbed's.
+const OWN_BINARIES: [&str; 2] = ["lb", "lb-testbed-server"];
+
+// ---------------------------------------------------------------------------------------
+// Hosts and addresses
+
+/// Which host of the testbed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    Lb,
+    /// Backend `i`, 1-based.
+    Backend(u8),
+}
+
+impl Role {
+    /// "client", "lb", "be1": the namespace suffix and the bridge port's name.
+    pub fn name(self) -> String {
+        match self {
+            Role::Client => "client".into(),
+            Role::Lb => "lb".into(),
+            Role::Backend(i) => format!("be{i}"),
+        }
+    }
+
+    /// The host part of its addresses and MAC.
+    fn host(self) -> u8 {
+        match self {
+            Role::Client => 100,
+            Role::Lb => 2,
+            Role::Backend(i) => 10 + i,
+        }
+    }
+
+    /// 198.18.0.<host>/24 on `eth0`.
+    pub fn v4(self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 0, self.host())
+    }
+
+    /// 2001:db8::<host>/64 on `eth0` (the host number written in decimal digits).
+    pub fn v6(self) -> Ipv6Addr {
+        format!("2001:db8::{}", self.host()).parse().unwrap()
+    }
+
+    /// `eth0`'s MAC.
+    pub fn mac(self) -> [u8; 6] {
+        [0x02, 0x1b, 0, 0, 0, self.host()]
+    }
+
+    /// The MAC of its port's bridge-side end.
+    pub fn bridge_mac(self) -> [u8; 6] {
+        [0x02, 0x1b, 0, 0, 1, self.host()]
+    }
+}
+
+/// One host: a namespace with `eth0` into the bridge.
+#[derive(Debug)]
+pub struct Host {
+    pub role: Role,
+    /// "client", "lb", "be1", ...
+    pub name: String,
+    pub ns: Netns,
+    pub mac: [u8; 6],
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+impl Host {
+    /// The namespace's name, for `ip netns exec`.
+    pub fn netns(&self) -> &str {
+        self.ns.name()
+    }
+
+    /// Its IPv6 or IPv4 address on `eth0`.
+    pub fn addr(&self, v6: bool) -> IpAddr {
+        if v6 {
+            self.v6.into()
+        } else {
+            self.v4.into()
+        }
+    }
+
+    /// Run `f` on a thread inside this host's namespace (sockets opened there stay there).
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        self.ns.run_in(f)
+    }
+
+    /// `ip netns exec <ns> args...`
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        self.ns.exec(args)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// VIPs
+
+/// A VIP to configure on the testbed: its backends are the testbed's backends.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VipSpec {
+    pub name: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    /// Use the backends' IPv6 (else IPv4) addresses: ipip 4-in-6, gue 4-in-6 / 6-in-4.
+    pub backends_v6: bool,
+    /// Weight of each testbed backend in order; missing entries get the default weight.
+    pub weights: Vec<u32>,
+}
+
+impl VipSpec {
+    /// Backends of the VIP's own family, default weights.
+    pub fn new(
+        name: &str,
+        address: IpAddr,
+        port: u16,
+        protocol: Protocol,
+        forwarding: Forwarding,
+    ) -> VipSpec {
+        VipSpec {
+            name: name.into(),
+            address,
+            port,
+            protocol,
+            forwarding,
+            backends_v6: address.is_ipv6(),
+            weights: Vec::new(),
+        }
+    }
+
+    /// TCP to [`HTTP_PORT`].
+    pub fn tcp(name: &str, address: impl Into<IpAddr>, forwarding: Forwarding) -> VipSpec {
+        VipSpec::new(name, address.into(), HTTP_PORT, Protocol::Tcp, forwarding)
+    }
+
+    /// UDP to [`UDP_PORT`].
+    pub fn udp(name: &str, address: impl Into<IpAddr>, forwarding: Forwarding) -> VipSpec {
+        VipSpec::new(name, address.into(), UDP_PORT, Protocol::Udp, forwarding)
+    }
+
+    pub fn with_backends_v6(mut self, v6: bool) -> VipSpec {
+        self.backends_v6 = v6;
+        self
+    }
+
+    pub fn with_weights(mut self, weights: &[u32]) -> VipSpec {
+        self.weights = weights.to_vec();
+        self
+    }
+
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
+    }
+
+    fn weight(&self, i: usize) -> u32 {
+        self.weights.get(i).copied().unwrap_or(DEFAULT_WEIGHT)
+    }
+}
+
+/// One way a packet can travel from the LB to a backend: forwarding mode, VIP family and
+/// backend (outer) family. Each has its own VIP address in the VIP ranges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardingPath {
+    pub label: &'static str,
+    pub forwarding: Forwarding,
+    pub vip_v6: bool,
+    pub backends_v6: bool,
+    /// Host part of the VIP: 198.18.10.<n> or 2001:db8:10::<n>.
+    pub n: u8,
+}
+
+const fn path(
+    label: &'static str,
+    forwarding: Forwarding,
+    vip_v6: bool,
+    backends_v6: bool,
+    n: u8,
+) -> ForwardingPath {
+    ForwardingPath {
+        label,
+        forwarding,
+        vip_v6,
+        backends_v6,
+        n,
+    }
+}
+
+/// Every forwarding path the data plane has.
+pub const FORWARDING_PATHS: [ForwardingPath; 9] = [
+    path("ipip4", Forwarding::Ipip, false, false, 1),
+    path("ipip6", Forwarding::Ipip, true, true, 1),
+    path("gue4", Forwarding::Gue, false, false, 2),
+    path("gue6", Forwarding::Gue, true, true, 2),
+    path("l2dsr4", Forwarding::L2dsr, false, false, 3),
+    path("l2dsr6", Forwarding::L2dsr, true, true, 3),
+    path("ipip4in6", Forwarding::Ipip, false, true, 4),
+    path("gue4in6", Forwarding::Gue, false, true, 5),
+    path("gue6in4", Forwarding::Gue, true, false, 5),
+];
+
+impl ForwardingPath {
+    /// The path labelled `label` ("ipip4", "gue6in4", ...); panics if there is none.
+    pub fn get(label: &str) -> ForwardingPath {
+        *FORWARDING_PATHS
+            .iter()
+            .find(|p| p.label == label)
+            .unwrap_or_else(|| panic!("no forwarding path {label:?}"))
+    }
+
+    pub fn vip(&self) -> IpAddr {
+        if self.vip_v6 {
+            Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, self.n as u16).into()
+        } else {
+            Ipv4Addr::new(198, 18, 10, self.n).into()
+        }
+    }
+
+    /// "<label>-http": TCP port [`HTTP_PORT`].
+    pub fn tcp(&self) -> VipSpec {
+        VipSpec::tcp(&format!("{}-http", self.label), self.vip(), self.forwarding)
+            .with_backends_v6(self.backends_v6)
+    }
+
+    /// "<label>-udp": UDP port [`UDP_PORT`].
+    pub fn udp(&self) -> VipSpec {
+        VipSpec::udp(&format!("{}-udp", self.label), self.vip(), self.forwarding)
+            .with_backends_v6(self.backends_v6)
+    }
+}
+
+/// A TCP and a UDP VIP for every forwarding path.
+pub fn standard_vips() -> Vec<VipSpec> {
+    FORWARDING_PATHS
+        .iter()
+        .flat_map(|p| [p.tcp(), p.udp()])
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// The testbed
+
+/// What [`Testbed::up`] builds.
+#[derive(Clone, Debug)]
+pub struct TestbedOpts {
+    /// Names of everything start with `<prefix>-`. Letters, digits, '-', '_', '.';
+    /// at least 3 characters, starting with a letter.
+    pub prefix: String,
+    pub backends: usize,
+    pub tcp_ports: Vec<u16>,
+    pub udp_ports: Vec<u16>,
+    /// The server binary; default: `lb-testbed-server` of this build (or
+    /// `$LB_TESTBED_SERVER`).
+    pub server_bin: Option<PathBuf>,
+    /// Start the servers and the agent in process groups of their own, to outlive the
+    /// terminal (for a testbed that is [kept](Testbed::keep)).
+    pub detach: bool,
+}
+
+impl Default for TestbedOpts {
+    /// Prefix `lbtestbed-<pid>-<n>`, 3 backends, HTTP on port 80, UDP echo on port 53.
+    fn default() -> Self {
+        TestbedOpts {
+            prefix: unique_name("lbtestbed"),
+            backends: 3,
+            tcp_ports: vec![HTTP_PORT],
+            udp_ports: vec![UDP_PORT],
+            server_bin: None,
+            detach: false,
+        }
+    }
+}
+
+impl TestbedOpts {
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    pub fn backends(mut self, n: usize) -> Self {
+        self.backends = n;
+        self
+    }
+
+    pub fn server_bin(mut self, path: impl Into<PathBuf>) -> Self {
+        self.server_bin = Some(path.into());
+        self
+    }
+
+    pub fn detach(mut self, detach: bool) -> Self {
+        self.detach = detach;
+        self
+    }
+}
+
+/// Capacities of the data plane whose `pass` and `decap` programs the testbed attaches
+/// (their maps are unused but for `DECAP_STATS`).
+const XDP_SIZES: Sizes = Sizes {
+    max_vips: 1,
+    max_backends: 1,
+    max_conns: 1024,
+    ring_stride: 2,
+};
+
+/// A running testbed. Dropping it (or [`Testbed::down`]) removes everything it made;
+/// [`Testbed::keep`] leaves it running.
+pub struct Testbed {
+    prefix: String,
+    opts: TestbedOpts,
+    /// Hosts in order: client, lb, be1, ...
+    hosts: Vec<Host>,
+    bridge: Option<Netns>,
+    servers: Vec<Process>,
+    xdp_pins: Option<PathBuf>,
+    agent: Option<Agent>,
+    dir: Option<TempDir>,
+    torn_down: bool,
+}
+
+impl fmt::Debug for Testbed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Testbed")
+            .field("prefix", &self.prefix)
+            .field("hosts", &self.hosts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Testbed {
+    /// Build it all; on any error, remove what was built. Fails if anything with the
+    /// prefix exists already (see [`down_prefix`]).
+    pub fn up(opts: TestbedOpts) -> Result<Testbed> {
+        check_prefix(&opts.prefix)?;
+        if !(1..=MAX_BACKENDS).contains(&opts.backends) {
+            bail!(
+                "backends: {} is out of range 1..={MAX_BACKENDS}",
+                opts.backends
+            );
+        }
+        let left = leftovers(&opts.prefix)?;
+        if !left.is_empty() {
+            bail!(
+                "a testbed with prefix {:?} exists already ({left}); remove it first: \
+                 `cargo xtask testbed down --prefix {}`",
+                opts.prefix,
+                opts.prefix
+            );
+        }
+        let server_bin = match &opts.server_bin {
+            Some(p) => p.clone(),
+            None => find_bin("lb-testbed-server", Some("LB_TESTBED_SERVER")).context(
+                "build it with `cargo build --release -p lb-tests --bins`, or set \
+                 LB_TESTBED_SERVER",
+            )?,
+        };
+        ensure_bpffs()?;
+        let prefix = opts.prefix.clone();
+        let mut tb = Testbed {
+            prefix: prefix.clone(),
+            opts: opts.clone(),
+            hosts: Vec::new(),
+            bridge: None,
+            servers: Vec::new(),
+            xdp_pins: None,
+            agent: None,
+            dir: None,
+            torn_down: false,
+        };
+        // From here on, an error drops `tb`, which removes whatever exists.
+        tb.dir = Some(TempDir::create(&state_dir(&prefix))?);
+        tb.build_network()?;
+        tb.attach_xdp()?;
+        tb.start_servers(&server_bin)?;
+        Ok(tb)
+    }
+
+    fn build_network(&mut self) -> Result<()> {
+        let p = &self.prefix;
+        let bridge = Netns::create(&format!("{p}-bridge"))?;
+        bridge.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        bridge.ip(&["link", "set", BRIDGE, "up"])?;
+        self.bridge = Some(bridge);
+        let roles = [Role::Client, Role::Lb]
+            .into_iter()
+            .chain((1..=self.opts.backends as u8).map(Role::Backend));
+        for role in roles {
+            let name = role.name();
+            let ns = Netns::create(&format!("{p}-{name}"))?;
+            let bridge = self.bridge.as_ref().unwrap();
+            let (a4, a6) = (format!("{}/24", role.v4()), format!("{}/64", role.v6()));
+            veth_pair(
+                &VethEnd {
+                    ns: &ns,
+                    name: IFACE,
+                    mac: role.mac(),
+                    addrs: &[&a4, &a6],
+                },
+                &VethEnd {
+                    ns: bridge,
+                    name: &name,
+                    mac: role.bridge_mac(),
+                    addrs: &[],
+                },
+            )?;
+            bridge.ip(&["link", "set", &name, "master", BRIDGE])?;
+            // Checksum offload would hand XDP (and so the backends) partial checksums.
+            ns.exec(&["ethtool", "-K", IFACE, "tx", "off"])
+                .context("ethtool (installed by scripts/setup.sh)")?;
+            let host = Host {
+                role,
+                name,
+                ns,
+                mac: role.mac(),
+                v4: role.v4(),
+                v6: role.v6(),
+            };
+            match role {
+                Role::Client => {
+                    let lb = Role::Lb;
+                    host.ns
+                        .ip(&["route", "add", VIP4_RANGE, "via", &lb.v4().to_string()])?;
+                    host.ns.ip(&[
+                        "-6",
+                        "route",
+                        "add",
+                        VIP6_RANGE,
+                        "via",
+                        &lb.v6().to_string(),
+                    ])?;
+                }
+                Role::Lb => {}
+                Role::Backend(_) => {
+                    // The VIPs are local (routes of type local on lo: every address of
+                    // the ranges), answered directly to the client, never announced.
+                    host.ns
+                        .ip(&["route", "add", "local", VIP4_RANGE, "dev", "lo"])?;
+                    host.ns
+                        .ip(&["-6", "route", "add", "local", VIP6_RANGE, "dev", "lo"])?;
+                    for k in ["all", "default", "lo", IFACE] {
+                        host.ns
+                            .sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "0")?;
+                    }
+                    host.ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+                    host.ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+                }
+            }
+            self.hosts.push(host);
+        }
+        Ok(())
+    }
+
+    /// `pass` on the LB's bridge port (frames the LB sends with XDP_TX arrive there as XDP
+    /// frames, which a veth drops unless it runs XDP itself), `decap` on every backend's
+    /// `eth0`. Links and maps are pinned under `/sys/fs/bpf/<prefix>-xdp`.
+    fn attach_xdp(&mut self) -> Result<()> {
+        let dir = xdp_pin_dir(&self.prefix);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        self.xdp_pins = Some(dir.clone());
+        let mut dp = Dataplane::load_pinned(XDP_SIZES, Some(&dir))?;
+        let bridge = self.bridge.as_ref().unwrap();
+        attach_pinned(&mut dp, bridge, "lb", "pass", &dir.join("pass-lb"))?;
+        for be in self.backends() {
+            attach_pinned(
+                &mut dp,
+                &be.ns,
+                IFACE,
+                "decap",
+                &dir.join(format!("decap-{}", be.name)),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn start_servers(&mut self, bin: &Path) -> Result<()> {
+        let dir = self.dir().to_path_buf();
+        let (tcp, udp) = (self.opts.tcp_ports.clone(), self.opts.udp_ports.clone());
+        for i in 0..self.opts.backends {
+            let be = &self.hosts[2 + i];
+            let mut args = vec![
+                "--name".to_string(),
+                be.name.clone(),
+                "--testbed".into(),
+                self.prefix.clone(),
+            ];
+            for p in &tcp {
+                args.extend(["--tcp".into(), p.to_string()]);
+            }
+            for p in &udp {
+                args.extend(["--udp".into(), p.to_string()]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let log = dir.join(format!("server-{}.log", be.name));
+            let proc = Process::spawn(&be.ns, bin, &args, &log, self.opts.detach)?;
+            self.servers.push(proc);
+        }
+        // Ready when each answers on every port (from inside its namespace).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for i in 0..self.opts.backends {
+            let name = self.hosts[2 + i].name.clone();
+            loop {
+                self.servers[i].check_running()?;
+                let be = &self.hosts[2 + i];
+                let ok = be.run_in(|| {
+                    let t = Duration::from_millis(200);
+                    tcp.iter().all(|&p| {
+                        TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, p).into(), t).is_ok()
+                    }) && udp.iter().all(|&p| {
+                        [
+                            IpAddr::from(Ipv4Addr::LOCALHOST),
+                            Ipv6Addr::LOCALHOST.into(),
+                        ]
+                        .iter()
+                        .all(|a| {
+                            udp_request(SocketAddr::new(*a, p), b"ready?", t)
+                                .is_ok_and(|r| r.backend == name)
+                        })
+                    })
+                })?;
+                if ok {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "server on {name} not answering after 10 s; log:\n{}",
+                        self.servers[i].log()
+                    );
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn client(&self) -> &Host {
+        &self.hosts[0]
+    }
+
+    pub fn lb_host(&self) -> &Host {
+        &self.hosts[1]
+    }
+
+    pub fn backends(&self) -> &[Host] {
+        &self.hosts[2..]
+    }
+
+    /// Client, LB, backends.
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// The bridge's namespace.
+    pub fn bridge(&self) -> &Netns {
+        self.bridge.as_ref().expect("testbed is down")
+    }
+
+    /// `<tmp>/<prefix>-testbed`: the agent's config file, server logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("testbed is down").path()
+    }
+
+    /// The agent's instance name: `<prefix>-lb`.
+    pub fn instance(&self) -> String {
+        format!("{}-lb", self.prefix)
+    }
+
+    /// Where [`Testbed::start_agent`] writes the agent's config.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir().join("lb.toml")
+    }
+
+    /// The `[agent]` table for the LB: native XDP on `eth0`, small maps, both encap sources.
+    pub fn agent_table() -> Config {
+        Config::parse(&format!(
+            r#"[agent]
+interface = "{IFACE}"
+xdp_mode = "native"
+ring_size = 16381
+max_vips = 32
+max_backends = 64
+max_conns = 65536
+encap_source_v4 = "{ENCAP_SOURCE_V4}"
+encap_source_v6 = "{ENCAP_SOURCE_V6}"
+"#
+        ))
+        .expect("the agent table is valid")
+    }
+
+    /// A VIP whose backends are this testbed's backends (with their MACs).
+    pub fn vip_config(&self, spec: &VipSpec) -> VipConfig {
+        VipConfig {
+            name: spec.name.clone(),
+            address: spec.address,
+            port: spec.port,
+            protocol: spec.protocol,
+            forwarding: spec.forwarding,
+            affinity: false,
+            backends: self
+                .backends()
+                .iter()
+                .enumerate()
+                .map(|(i, b)| BackendConfig {
+                    address: b.addr(spec.backends_v6),
+                    weight: spec.weight(i),
+                    drain: false,
+                    mac: Some(fmt_mac(b.mac)),
+                })
+                .collect(),
+        }
+    }
+
+    /// An agent config for the LB with these VIPs (validated).
+    pub fn agent_config(&self, vips: &[VipSpec]) -> Result<Config> {
+        let mut cfg = Self::agent_table();
+        cfg.vips = vips.iter().map(|v| self.vip_config(v)).collect();
+        cfg.validate()
+            .map_err(|e| anyhow!("testbed agent config: {e}"))?;
+        Ok(cfg)
+    }
+
+    /// [`Testbed::agent_config`] as TOML text.
+    pub fn agent_config_toml(&self, vips: &[VipSpec]) -> Result<String> {
+        Ok(toml::to_string_pretty(&self.agent_config(vips)?)?)
+    }
+
+    /// Write `cfg` to [`Testbed::config_path`] and start `lb agent` on the LB as instance
+    /// `<prefix>-lb`; returns once it answers. Stopped (and unpinned) with the testbed.
+    pub fn start_agent(&mut self, cfg: &Config) -> Result<&Agent> {
+        if self.agent.is_some() {
+            bail!("the agent is running already");
+        }
+        let path = self.config_path();
+        cfg.save(&path)?;
+        let mut agent = Agent::with_instance(&self.hosts[1].ns, &path, &self.instance());
+        if self.opts.detach {
+            agent = agent.in_own_process_group();
+        }
+        agent.spawn()?;
+        Ok(self.agent.insert(agent))
+    }
+
+    /// The running agent (see [`Testbed::start_agent`]).
+    pub fn agent(&self) -> Option<&Agent> {
+        self.agent.as_ref()
+    }
+
+    pub fn agent_mut(&mut self) -> Option<&mut Agent> {
+        self.agent.as_mut()
+    }
+
+    /// `lb --instance <prefix>-lb args...`
+    pub fn lb(&self, args: &[&str]) -> LbOut {
+        let inst = self.instance();
+        let mut a = vec!["--instance", inst.as_str()];
+        a.extend_from_slice(args);
+        lb(&a)
+    }
+
+    /// `lb --instance <prefix>-lb --json args...`, parsed.
+    pub fn lb_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.lb(&a);
+        if !out.ok() {
+            bail!("`lb {}` failed: {}", args.join(" "), out.stderr.trim());
+        }
+        serde_json::from_str(&out.stdout)
+            .with_context(|| format!("`lb {}`: not JSON: {}", args.join(" "), out.stdout))
+    }
+
+    /// The `lb` commands (arguments after `lb --instance ...`) that create `spec`:
+    /// `vip add`, then one `backend add` per testbed backend.
+    pub fn cli_commands(&self, spec: &VipSpec) -> Vec<Vec<String>> {
+        let v = self.vip_config(spec);
+        let mut cmds = vec![vec![
+            "vip".to_string(),
+            "add".into(),
+            v.name.clone(),
+            v.address.to_string(),
+            v.port.to_string(),
+            v.protocol.to_string(),
+            "--forwarding".into(),
+            v.forwarding.to_string(),
+        ]];
+        for b in &v.backends {
+            cmds.push(vec![
+                "backend".into(),
+                "add".into(),
+                v.name.clone(),
+                b.address.to_string(),
+                "--weight".into(),
+                b.weight.to_string(),
+                "--mac".into(),
+                b.mac.clone().unwrap(),
+            ]);
+        }
+        cmds
+    }
+
+    /// Create `spec` in the running agent through the `lb` CLI ([`Testbed::cli_commands`]).
+    pub fn add_vip(&self, spec: &VipSpec) -> Result<()> {
+        for cmd in self.cli_commands(spec) {
+            let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+            let out = self.lb(&args);
+            if !out.ok() {
+                bail!("`lb {}` failed: {}", cmd.join(" "), out.stderr.trim());
+            }
+        }
+        Ok(())
+    }
+
+    /// Run `f` on a thread in the client's namespace.
+    pub fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        self.client().run_in(f)
+    }
+
+    /// [`http_get`] from the client (5 s timeout).
+    pub fn http_get(&self, addr: SocketAddr, path: &str) -> Result<HttpReply> {
+        self.in_client(|| http_get(addr, path, Duration::from_secs(5)))?
+    }
+
+    /// [`udp_request`] from the client (2 s timeout).
+    pub fn udp_request(&self, addr: SocketAddr, payload: &[u8]) -> Result<UdpReply> {
+        self.in_client(|| udp_request(addr, payload, Duration::from_secs(2)))?
+    }
+
+    /// The `decap` programs' counters (all backends together), by `DecapReason`.
+    pub fn decap_counts(&self) -> Result<Vec<u64>> {
+        let dir = self.xdp_pins.as_ref().context("testbed is down")?;
+        let data = MapData::from_pin(dir.join("DECAP_STATS"))?;
+        let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
+        (0..lb_common::NUM_DECAP_REASONS)
+            .map(|i| Ok(map.get(&i, 0)?.iter().sum()))
+            .collect()
+    }
+
+    /// The server processes, one per backend, in order.
+    pub fn servers(&mut self) -> &mut [Process] {
+        &mut self.servers
+    }
+
+    /// What was built, how to use it: for people.
+    pub fn describe(&self) -> String {
+        let p = &self.prefix;
+        let mut s = format!(
+            "testbed {p}: {} backends on bridge {BRIDGE} in netns {p}-bridge\n\n",
+            self.backends().len()
+        );
+        s += &format!(
+            "  {:<7} {:<20} {:<10} {:<18} {:<16} {:<17} WHAT\n",
+            "HOST", "NETNS", "INTERFACE", "MAC", "IPV4", "IPV6"
+        );
+        for h in &self.hosts {
+            let what = match h.role {
+                Role::Client => format!("routes {VIP4_RANGE}, {VIP6_RANGE} via the LB"),
+                Role::Lb => format!("XDP lb (agent {})", self.instance()),
+                Role::Backend(_) => format!(
+                    "XDP decap; VIP ranges local; server: http {:?}, udp echo {:?}",
+                    self.opts.tcp_ports, self.opts.udp_ports
+                ),
+            };
+            s += &format!(
+                "  {:<7} {:<20} {:<10} {:<18} {:<16} {:<17} {what}\n",
+                h.name,
+                h.netns(),
+                IFACE,
+                fmt_mac(h.mac),
+                format!("{}/24", h.v4),
+                format!("{}/64", h.v6),
+            );
+        }
+        s += &format!(
+            "\n  pinned: /sys/fs/bpf/{p}-xdp (pass, decap links), /sys/fs/bpf/{}\n",
+            self.instance()
+        );
+        s += &format!("  state:  {}\n", self.dir().display());
+        let cfg = self
+            .agent
+            .as_ref()
+            .and_then(|a| Config::load(a.config()).ok());
+        if let (Some(a), Some(cfg)) = (&self.agent, cfg) {
+            s += &format!(
+                "\nagent {} (pid {}) on {}/{IFACE}: config {}, log {}\n",
+                a.instance(),
+                a.pid(),
+                self.lb_host().netns(),
+                a.config().display(),
+                a.log_path().display()
+            );
+            s += &format!(
+                "\n  {:<16} {:<22} {:<6} {:<6} {:<10} {}\n",
+                "VIP", "ADDRESS", "PORT", "PROTO", "MODE", "BACKENDS"
+            );
+            for v in &cfg.vips {
+                let bs: Vec<String> = v
+                    .backends
+                    .iter()
+                    .map(|b| format!("{}*{}", b.address, b.weight))
+                    .collect();
+                s += &format!(
+                    "  {:<16} {:<22} {:<6} {:<6} {:<10} {}\n",
+                    v.name,
+                    v.address,
+                    v.port,
+                    v.protocol.to_string(),
+                    v.forwarding.to_string(),
+                    bs.join(" ")
+                );
+            }
+        }
+        let lb = find_lb_bin()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "lb".into());
+        let c = self.client().netns();
+        s += &format!(
+            "\ntry:\n  ip netns exec {c} curl -s http://198.18.10.1/\n  \
+             ip netns exec {c} curl -s 'http://[2001:db8:10::1]/bytes?n=100' | od -An -tx1 | head -2\n  \
+             ip netns exec {c} bash -c 'exec 3<>/dev/udp/198.18.10.2/{UDP_PORT}; echo hello >&3; timeout 1 dd bs=64k count=1 status=none <&3'\n  \
+             {lb} --instance {} vip list   (also: status, stats, backend list|add|weight|drain ...)\n  \
+             ip netns exec {} ip -d link show {IFACE}\n",
+            self.instance(),
+            self.lb_host().netns(),
+        );
+        s
+    }
+
+    /// Leave everything running (namespaces, XDP, servers, agent) and forget it; remove it
+    /// later with [`down_prefix`] (`cargo xtask testbed down`). Returns the prefix.
+    pub fn keep(self) -> String {
+        let p = self.prefix.clone();
+        std::mem::forget(self);
+        p
+    }
+
+    /// Remove everything; an error says what could not be removed.
+    pub fn down(mut self) -> Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        if self.torn_down {
+            return Ok(());
+        }
+        self.torn_down = true;
+        // The agent guard stops it the operator's way: `lb agent --stop` detaches and unpins.
+        drop(self.agent.take());
+        self.servers.clear();
+        // Anything else running in the namespaces (e.g. started by a test) keeps them alive.
+        kill_processes(&self.prefix)?;
+        if let Some(d) = self.xdp_pins.take() {
+            remove_path(&d);
+        }
+        self.hosts.clear();
+        self.bridge.take();
+        self.dir.take();
+        // Whatever is left (nothing, normally).
+        down_prefix(&self.prefix).map(drop)
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            eprintln!("testbed {}: {e:#}", self.prefix);
+        }
+    }
+}
+
+fn attach_pinned(
+    dp: &mut Dataplane,
+    ns: &Netns,
+    iface: &str,
+    prog: &str,
+    pin: &Path,
+) -> Result<()> {
+    ns.run_in(|| -> Result<()> {
+        let p = dp.program(prog)?;
+        let id = p
+            .attach(iface, XdpMode::Driver)
+            .with_context(|| format!("attaching {prog} to {iface} in {}", ns.name()))?;
+        let link = FdLink::try_from(p.take_link(id)?).context("XDP attached without a bpf_link")?;
+        link.pin(pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+        Ok(())
+    })?
+}
+
+// ---------------------------------------------------------------------------------------
+// Finding and removing a testbed by its prefix
+
+fn check_prefix(p: &str) -> Result<()> {
+    let ok = p.len() >= 3
+        && p.len() <= 64
+        && p.starts_with(|c: char| c.is_ascii_alphabetic())
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok {
+        bail!("testbed prefix {p:?}: 3-64 characters of [A-Za-z0-9-_.], starting with a letter");
+    }
+    Ok(())
+}
+
+fn matches(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|rest| rest.starts_with('-'))
+}
+
+fn state_dir(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{prefix}-testbed"))
+}
+
+fn xdp_pin_dir(prefix: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/{prefix}-xdp"))
+}
+
+/// Entries of `dir` whose names start with `<prefix>-`.
+fn entries(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| matches(&e.file_name().to_string_lossy(), prefix))
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
+}
+
+/// What exists of the testbeds whose names start with `<prefix>-`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    /// In /run/netns.
+    pub namespaces: Vec<String>,
+    /// In /sys/fs/bpf (agent instances, `-xdp` pins).
+    pub pins: Vec<PathBuf>,
+    /// Agent sockets in /run/lb.
+    pub sockets: Vec<PathBuf>,
+    /// State directories and logs in the temp dir.
+    pub files: Vec<PathBuf>,
+    /// (pid, command line): processes in those namespaces, or `lb` / `lb-testbed-server`
+    /// processes naming the prefix.
+    pub processes: Vec<(u32, String)>,
+}
+
+impl Leftovers {
+    pub fn is_empty(&self) -> bool {
+        *self == Leftovers::default()
+    }
+}
+
+impl fmt::Display for Leftovers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("nothing");
+        }
+        let mut parts = Vec::new();
+        if !self.namespaces.is_empty() {
+            parts.push(format!("namespaces {}", self.namespaces.join(" ")));
+        }
+        let paths = |v: &[PathBuf]| {
+            v.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        if !self.pins.is_empty() {
+            parts.push(format!("pins {}", paths(&self.pins)));
+        }
+        if !self.sockets.is_empty() {
+            parts.push(format!("sockets {}", paths(&self.sockets)));
+        }
+        if !self.files.is_empty() {
+            parts.push(format!("files {}", paths(&self.files)));
+        }
+        if !self.processes.is_empty() {
+            let p: Vec<String> = self
+                .processes
+                .iter()
+                .map(|(pid, cmd)| format!("{pid} ({cmd})"))
+                .collect();
+            parts.push(format!("processes {}", p.join(", ")));
+        }
+        // `{:#}`: one kind per line.
+        f.write_str(&parts.join(if f.alternate() { "\n  " } else { "; " }))
+    }
+}
+
+fn netns_inode(name: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(format!("/run/netns/{name}"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// Processes of the testbeds with this prefix: inside their namespaces, or one of our
+/// binaries with an argument naming the prefix (`--instance <prefix>-lb`,
+/// `--testbed <prefix>`), whatever namespace they are in. Zombies are not counted.
+fn processes(prefix: &str, namespaces: &[String]) -> Vec<(u32, String)> {
+    let inodes: Vec<u64> = namespaces.iter().filter_map(|n| netns_inode(n)).collect();
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline.is_empty() {
+            continue; // kernel thread or zombie
+        }
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let ours = args.first().is_some_and(|a0| {
+            let base = a0.rsplit('/').next().unwrap_or(a0);
+            OWN_BINARIES.contains(&base)
+        }) && args[1..].iter().any(|a| a == prefix || matches(a, prefix));
+        let in_ns = fs::read_link(e.path().join("ns/net"))
+            .ok()
+            .and_then(|l| {
+                let l = l.to_string_lossy().into_owned();
+                l.strip_prefix("net:[")?
+                    .strip_suffix(']')?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .is_some_and(|ino| inodes.contains(&ino));
+        if ours || in_ns {
+            out.push((pid, args.join(" ")));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Everything that exists of testbeds named `<prefix>-...`.
+pub fn leftovers(prefix: &str) -> Result<Leftovers> {
+    check_prefix(prefix)?;
+    let names = |dir: &str| -> Vec<String> {
+        entries(Path::new(dir), prefix)
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    };
+    let namespaces = names("/run/netns");
+    let processes = processes(prefix, &namespaces);
+    Ok(Leftovers {
+        processes,
+        namespaces,
+        pins: entries(Path::new("/sys/fs/bpf"), prefix),
+        sockets: entries(
+            lb_userspace::api::socket_path(prefix)
+                .parent()
+                .unwrap_or(Path::new("/run/lb")),
+            prefix,
+        ),
+        files: entries(&std::env::temp_dir(), prefix),
+    })
+}
+
+/// SIGKILL the testbeds' processes (by process id) and wait until they are gone.
+fn kill_processes(prefix: &str) -> Result<()> {
+    let left = leftovers(prefix)?;
+    for (pid, _) in &left.processes {
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = processes(prefix, &left.namespaces);
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("processes still running after SIGKILL: {left:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn remove_path(p: &Path) {
+    let _ = if p.is_dir() {
+        fs::remove_dir_all(p)
+    } else {
+        fs::remove_file(p)
+    };
+}
+
+/// Remove every testbed named `<prefix>-...` (whoever made it, also after a crash):
+/// processes, agent data planes (`lb agent --stop`), pins, namespaces, sockets, state
+/// files. Returns what it found; an error if anything remains.
+pub fn down_prefix(prefix: &str) -> Result<Leftovers> {
+    let found = leftovers(prefix)?;
+    kill_processes(prefix)?;
+    for pin in &found.pins {
+        if pin.join("link").exists() {
+            // An agent instance: stop it the operator's way (detach, unpin).
+            if let Ok(bin) = find_lb_bin() {
+                let inst = pin.file_name().unwrap().to_string_lossy().into_owned();
+                let _ = std::process::Command::new(bin)
+                    .args(["agent", "--stop", "--instance", &inst])
+                    .stdin(std::process::Stdio::null())
+                    .output();
+            }
+        }
+        // Unpinning the last reference to a link detaches its program.
+        remove_path(pin);
+    }
+    for ns in &found.namespaces {
+        let _ = crate::netns::run("ip", &["netns", "del", ns]);
+    }
+    for p in found.sockets.iter().chain(&found.files) {
+        remove_path(p);
+    }
+    let left = leftovers(prefix)?;
+    if !left.is_empty() {
+        bail!("testbed {prefix}: could not remove {left}");
+    }
+    Ok(found)
+}
+
+/// Mount bpffs on /sys/fs/bpf if nothing is mounted there.
+fn ensure_bpffs() -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let p = CString::new("/sys/fs/bpf").unwrap();
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(p.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    crate::netns::run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).map(drop)
+}
+
+// ---------------------------------------------------------------------------------------
+// Traffic: what the servers send, and clients for them (run these in the client namespace)
+
+/// The bytes `GET /bytes?n=N` sends, from `offset` on: every 8-byte block is its index
+/// times an odd constant, little-endian, so a lost, repeated or shifted block shows.
+pub fn fill_pattern(offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let at = offset + i as u64;
+        let word = (at / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        *b = (word >> ((at % 8) * 8)) as u8;
+    }
+}
+
+/// The first offset where `data` (from offset 0) differs from the pattern.
+pub fn pattern_mismatch(data: &[u8]) -> Option<usize> {
+    let mut want = vec![0u8; 64 * 1024];
+    for (k, chunk) in data.chunks(want.len()).enumerate() {
+        let off = k * want.len();
+        fill_pattern(off as u64, &mut want[..chunk.len()]);
+        if let Some(i) = chunk.iter().zip(&want).position(|(a, b)| a != b) {
+            return Some(off + i);
+        }
+    }
+    None
+}
+
+/// An HTTP response.
+#[derive(Clone, Debug)]
+pub struct HttpReply {
+    /// The client's end of the connection (its flow: a reused port is the same flow).
+    pub local: SocketAddr,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The backend that answered (`X-Backend`), "" if none said.
+    pub fn backend(&self) -> &str {
+        self.header("x-backend").unwrap_or("")
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// `GET path` over a new connection (`Connection: close`); the body by `Content-Length`.
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<HttpReply> {
+    let what = format!("GET http://{addr}{path}");
+    let r = (|| -> Result<HttpReply> {
+        let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+        let local = s.local_addr()?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("bad status line {line:?}"))?;
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h)? == 0 {
+                bail!("connection closed in the headers");
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let (k, v) = h
+                .split_once(':')
+                .ok_or_else(|| anyhow!("bad header {h:?}"))?;
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        let mut reply = HttpReply {
+            local,
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        let len: usize = reply
+            .header("content-length")
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(|| anyhow!("no Content-Length"))?;
+        reply.body = vec![0; len];
+        r.read_exact(&mut reply.body)?;
+        Ok(reply)
+    })();
+    r.with_context(|| what)
+}
+
+/// A UDP echo reply: which backend, and what it echoed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UdpReply {
+    pub backend: String,
+    pub echo: Vec<u8>,
+}
+
+impl UdpReply {
+    /// Parse `"<backend> <echo>"`.
+    pub fn parse(datagram: &[u8]) -> Result<UdpReply> {
+        let sp = datagram
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or_else(|| anyhow!("not an echo reply: {datagram:?}"))?;
+        Ok(UdpReply {
+            backend: String::from_utf8_lossy(&datagram[..sp]).into_owned(),
+            echo: datagram[sp + 1..].to_vec(),
+        })
+    }
+}
+
+/// Send `payload` from a new socket connected to `addr` (so only a reply from `addr`
+/// itself counts) and wait for the echo.
+pub fn udp_request(addr: SocketAddr, payload: &[u8], timeout: Duration) -> Result<UdpReply> {
+    udp_request_from(0, addr, payload, timeout)
+}
+
+/// [`udp_request`] from a chosen local port (0: any). Sockets closed one after the other
+/// may get the same ephemeral port, and so be one flow: choose ports to count flows.
+pub fn udp_request_from(
+    port: u16,
+    addr: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<UdpReply> {
+    let r = (|| -> Result<UdpReply> {
+        let local: SocketAddr = if addr.is_ipv6() {
+            (Ipv6Addr::UNSPECIFIED, port).into()
+        } else {
+            (Ipv4Addr::UNSPECIFIED, port).into()
+        };
+        let s = UdpSocket::bind(local)?;
+        s.connect(addr)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.send(payload)?;
+        let mut buf = vec![0u8; 65536];
+        let n = s.recv(&mut buf)?;
+        UdpReply::parse(&buf[..n])
+    })();
+    r.with_context(|| format!("UDP request to {addr}"))
+}
