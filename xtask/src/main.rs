@@ -160,15 +160,16 @@ fn main() -> Result<()> {
         }
         Cmd::Demo => {
             setup()?;
+            // The demo runs the agent (`lb`) and the test servers: build every binary.
+            eprintln!("demo: building (the first time takes a few minutes)...");
             run(Command::new(&cargo).current_dir(root()).args([
-                "run",
+                "build",
                 "--quiet",
+                "--workspace",
                 "--release",
-                "-p",
-                "lb-tests",
-                "--bin",
-                "demo",
-            ]))
+                "--bins",
+            ]))?;
+            run(&mut Command::new(root().join("target/release/demo")))
         }
         Cmd::Bench { args } => {
             setup()?;

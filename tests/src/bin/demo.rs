@@ -1,143 +1,211 @@
-//! `cargo xtask demo` (for now): the data plane at work on an embedded default config,
-//! driven through BPF_PROG_TEST_RUN on the real compiled program. Sends 20,000 new TCP
-//! flows to an IPv4 and an IPv6 VIP, shows where they went next to the configured weights
-//! and the program's own counters, then takes a backend down and drains another.
-//! (The namespace testbed with real HTTP backends is issue 3/6.)
-use std::{collections::BTreeMap, net::IpAddr};
+//! `cargo xtask demo`: the product on an embedded default configuration, in a namespace
+//! testbed (client, LB on a stick, three backends running real HTTP servers). Sends real
+//! HTTP requests through an IPv4 and an IPv6 VIP, prints which backend answered next to
+//! the agent's own counters, then takes a backend out, drains another, restores both, and
+//! tears everything down. Every change goes through the `lb` CLI, as an operator's would.
+use std::{collections::BTreeMap, io::Write, net::IpAddr, time::Instant};
 
-use anyhow::Result;
-use lb_common::*;
-use lb_tests::{
-    fixture::{v4, v6, Fixture},
-    harness::{run, test_sizes},
-    model::Model,
-    packets::Opts,
-};
-use lb_userspace::dataplane::Dataplane;
+use anyhow::{Context, Result};
+use lb_tests::testbed::{Testbed, TestbedOpts, VipSpec};
+use lb_userspace::config::Forwarding;
 
-const FLOWS: u32 = 20_000;
+const REQUESTS: usize = 300;
 
-fn client(i: u32, six: bool) -> IpAddr {
-    if six {
-        v6(100, i as u16)
-    } else {
-        v4(100 + (i >> 8) as u8, i as u8)
-    }
+struct Demo {
+    tb: Testbed,
+    vips: Vec<VipSpec>,
+    start: Instant,
 }
 
-/// Send one ACK on each of `FLOWS` flows from port `port0..`; count packets per backend.
-fn send(dp: &mut Dataplane, fx: &Fixture, vip: usize, port0: u16) -> Result<BTreeMap<u32, u32>> {
-    let v = &fx.vips[vip];
-    let mut hits = BTreeMap::new();
-    let before: Vec<Counters> = (0..fx.backends.len() as u32)
-        .map(|b| dp.backend_counters(b))
-        .collect::<Result<_>>()?;
-    for i in 0..FLOWS {
-        let f = Opts::default().tcp(
-            client(i, v.addr.is_ipv6()),
-            port0 + (i % 7) as u16,
-            v.addr,
-            v.port,
-            b"GET /",
-        );
-        let r = run(dp, "lb", &f)?;
-        assert_eq!(r.action, 3, "not forwarded");
+impl Demo {
+    fn step(&self, what: &str) {
+        println!("\n[{:5.1}s] {what}", self.start.elapsed().as_secs_f64());
     }
-    for b in 0..fx.backends.len() as u32 {
-        let n = dp.backend_counters(b)?.packets - before[b as usize].packets;
-        if n > 0 {
-            hits.insert(b, n as u32);
+
+    /// `lb ...` on the agent; prints the command like an operator typed it.
+    fn lb(&self, args: &[&str]) -> Result<()> {
+        println!("  $ lb {}", args.join(" "));
+        let out = self.tb.lb(args);
+        anyhow::ensure!(out.ok(), "lb {}: {}", args.join(" "), out.stderr);
+        for line in out.stdout.lines().filter(|l| *l != "ok") {
+            println!("    {line}");
         }
+        Ok(())
     }
-    Ok(hits)
-}
 
-fn table(fx: &Fixture, vip: usize, title: &str, hits: &BTreeMap<u32, u32>) {
-    let v = &fx.vips[vip];
-    let total_w: u32 = v
-        .backends
-        .iter()
-        .filter(|&&b| fx.backends[b as usize].state == BACKEND_UP)
-        .map(|&b| fx.backends[b as usize].weight)
-        .sum();
-    println!("\n{title}");
-    println!(
-        "  {:<22} {:>6} {:>10} {:>8} {:>8}",
-        "backend", "weight", "state", "flows", "share"
-    );
-    for &b in &v.backends {
-        let be = &fx.backends[b as usize];
-        let n = hits.get(&b).copied().unwrap_or(0);
-        let state = match be.state {
-            BACKEND_UP => "up",
-            BACKEND_DRAINING => "draining",
-            BACKEND_DOWN => "down",
-            _ => "-",
-        };
-        let want = if be.state == BACKEND_UP {
-            format!("(w {:.1}%)", 100.0 * be.weight as f64 / total_w as f64)
-        } else {
-            String::new()
-        };
+    /// REQUESTS new connections to VIP `v`: answers per backend (from the X-Backend header).
+    fn requests(&self, v: usize) -> Result<BTreeMap<String, usize>> {
+        let addr = self.vips[v].socket_addr();
+        let mut hits = BTreeMap::new();
+        for i in 0..REQUESTS {
+            let reply = self.tb.http_get(addr, "/")?;
+            anyhow::ensure!(reply.status == 200, "HTTP {} from {addr}", reply.status);
+            let who = reply.header("X-Backend").unwrap_or("?").to_string();
+            *hits.entry(who).or_insert(0) += 1;
+            if i % 20 == 19 || i + 1 == REQUESTS {
+                print!("\r  GET http://{addr}/ ... {}/{REQUESTS}", i + 1);
+                std::io::stdout().flush().ok();
+            }
+        }
+        println!();
+        Ok(hits)
+    }
+
+    /// The agent's per-backend (new flows, packets), by address (`lb stats`).
+    fn counters(&self) -> Result<BTreeMap<String, (u64, u64)>> {
+        let stats = self.tb.lb_json(&["stats"])?;
+        Ok(stats["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                let n = |k: &str| b[k].as_u64().unwrap_or(0);
+                let addr = b["address"].as_str().unwrap_or("").to_string();
+                (addr, (n("new_flows"), n("packets")))
+            })
+            .collect())
+    }
+
+    /// Send the requests; print them per backend next to its weight and to what the
+    /// agent's counters say happened meanwhile.
+    fn round(&self, v: usize) -> Result<()> {
+        let before = self.counters()?;
+        let hits = self.requests(v)?;
+        self.table(v, &hits, &before)
+    }
+
+    fn table(
+        &self,
+        v: usize,
+        hits: &BTreeMap<String, usize>,
+        before: &BTreeMap<String, (u64, u64)>,
+    ) -> Result<()> {
+        let backends = self.tb.lb_json(&["backend", "list", &self.vips[v].name])?;
+        let counters = self.counters()?;
+        let rows: Vec<_> = backends.as_array().into_iter().flatten().collect();
+        let total_w: u64 = rows
+            .iter()
+            .filter(|b| b["drain"] != true)
+            .map(|b| b["weight"].as_u64().unwrap_or(0))
+            .sum();
         println!(
-            "  {:<22} {:>6} {:>10} {:>8} {:>7.1}% {}",
-            be.addr,
-            be.weight,
-            state,
-            n,
-            100.0 * n as f64 / FLOWS as f64,
-            want
+            "  {:<10} {:<20} {:>6} {:>8} {:>9} {:>11} | {:>13} {:>8}",
+            "backend",
+            "address",
+            "weight",
+            "state",
+            "requests",
+            "share",
+            "lb: new flows",
+            "packets"
         );
+        for b in rows {
+            let addr = b["address"].as_str().unwrap_or("");
+            let ip: IpAddr = addr.parse().context("backend address")?;
+            let host = self
+                .tb
+                .backends()
+                .iter()
+                .find(|h| h.addr(ip.is_ipv6()) == ip)
+                .map(|h| h.name.clone())
+                .unwrap_or_default();
+            let n = hits.get(&host).copied().unwrap_or(0);
+            let w = b["weight"].as_u64().unwrap_or(0);
+            let drained = b["drain"] == true;
+            let want = if drained || total_w == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.0}%", 100.0 * w as f64 / total_w as f64)
+            };
+            let (nf, pk) = counters.get(addr).copied().unwrap_or_default();
+            let (nf0, pk0) = before.get(addr).copied().unwrap_or_default();
+            let (nf, pk) = (nf.saturating_sub(nf0), pk.saturating_sub(pk0));
+            println!(
+                "  {:<10} {:<20} {:>6} {:>8} {:>9} {:>4.0}% ({want:>4}) | {:>13} {:>8}",
+                host,
+                addr,
+                w,
+                if drained { "draining" } else { "up" },
+                n,
+                100.0 * n as f64 / REQUESTS as f64,
+                nf,
+                pk
+            );
+        }
+        Ok(())
     }
-}
-
-fn rebuild(dp: &mut Dataplane, fx: &Fixture, vip: usize, which: u32) -> Result<()> {
-    let ring = fx.ring(vip);
-    dp.write_ring(vip as u32, which, &ring)?;
-    let mut meta = fx.meta(vip, ring.len(), dp.sizes.ring_stride);
-    meta.ring_base += which * dp.sizes.ring_stride;
-    dp.set_vip(&fx.vips[vip].key(), &meta)
 }
 
 fn main() -> Result<()> {
-    let mut dp = Dataplane::load(test_sizes())?;
-    let mut fx = Fixture::standard();
-    fx.apply(&mut dp, &mut Model::default())?;
-    println!("lb demo: real XDP program, BPF_PROG_TEST_RUN, {FLOWS} TCP flows per step");
-    for (vip, name) in [
-        (0usize, "IPv4 VIP 198.18.10.1:80 (ipip)"),
-        (1, "IPv6 VIP [2001:db8:10::1]:80 (ipip)"),
-    ] {
-        let hits = send(&mut dp, &fx, vip, 1000)?;
-        table(&fx, vip, &format!("{name}: new flows by backend"), &hits);
-    }
-
-    let (down, drain) = (3u32, 2u32);
+    let start = Instant::now();
+    println!("lb demo: a real XDP load balancer in a network-namespace testbed");
+    let prefix = format!("lbdemo-{}", std::process::id());
+    println!("\n[  0.0s] building the testbed ({prefix}-*): client, LB on a stick, 3 backends on a bridge");
+    let mut tb = Testbed::up(TestbedOpts::default().prefix(&prefix).backends(3))?;
+    let vips = vec![
+        VipSpec::tcp("web4", "198.18.10.1".parse::<IpAddr>()?, Forwarding::Ipip)
+            .with_weights(&[100, 200, 300]),
+        VipSpec::tcp("web6", "2001:db8:10::1".parse::<IpAddr>()?, Forwarding::Gue)
+            .with_weights(&[100, 200, 300]),
+    ];
+    // The embedded default: an IPv4 (ipip) and an IPv6 (gue) VIP, weights 1:2:3.
+    let cfg = tb.agent_config(&vips)?;
     println!(
-        "\nbackend {} goes DOWN, backend {} is DRAINED; rings rebuilt without them",
-        fx.backends[down as usize].addr, fx.backends[drain as usize].addr
+        "\n[{:5.1}s] starting the agent: lb agent --config {} --instance {}",
+        start.elapsed().as_secs_f64(),
+        tb.config_path().display(),
+        tb.instance()
     );
-    fx.backends[down as usize].state = BACKEND_DOWN;
-    fx.backends[drain as usize].state = BACKEND_DRAINING;
-    for b in [down, drain] {
-        dp.set_backend(b, &fx.backend(b))?;
-    }
-    rebuild(&mut dp, &fx, 0, 1)?;
-    let hits = send(&mut dp, &fx, 0, 1000)?;
-    table(
-        &fx,
-        0,
-        "the same flows again: the down backend's flows moved, the draining one kept its own",
-        &hits,
-    );
-    let hits = send(&mut dp, &fx, 0, 3000)?;
-    table(&fx, 0, "brand-new flows: only the up backends", &hits);
+    tb.start_agent(&cfg)?;
+    let demo = Demo { tb, vips, start };
+    demo.lb(&["vip", "list"])?;
 
-    println!("\nreason counters of the lb program:");
-    for (r, n) in Reason::ALL.iter().zip(dp.reason_counts()?) {
-        if n > 0 {
-            println!("  {:<24} {n}", r.name());
+    for v in 0..demo.vips.len() {
+        let s = &demo.vips[v];
+        demo.step(&format!(
+            "{REQUESTS} HTTP requests, one new TCP connection each, to {} {} ({})",
+            s.name,
+            s.socket_addr(),
+            s.forwarding
+        ));
+        demo.round(v)?;
+    }
+
+    let b = demo.tb.backends();
+    let (out, drained) = (b[2].addr(false).to_string(), b[1].addr(false).to_string());
+    demo.step(&format!(
+        "taking {} ({out}) out of web4 (no health checks yet: through the CLI)",
+        b[2].name
+    ));
+    demo.lb(&["backend", "remove", "web4", &out])?;
+    demo.round(0)?;
+
+    demo.step(&format!(
+        "draining {} ({drained}): no new connections",
+        b[1].name
+    ));
+    demo.lb(&["backend", "drain", "web4", &drained])?;
+    demo.round(0)?;
+
+    demo.step("restoring both");
+    demo.lb(&["backend", "undrain", "web4", &drained])?;
+    let mac = lb_tests::netns::fmt_mac(b[2].mac);
+    demo.lb(&[
+        "backend", "add", "web4", &out, "--weight", "300", "--mac", &mac,
+    ])?;
+    demo.round(0)?;
+
+    demo.step("drop and pass reasons counted by the lb program");
+    let stats = demo.tb.lb_json(&["stats"])?;
+    if let Some(m) = stats["reasons"].as_object() {
+        for (k, v) in m.iter().filter(|(_, v)| v.as_u64() != Some(0)) {
+            println!("  {k:<24} {v}");
         }
     }
+
+    demo.step("tearing down (agent stopped, pins, namespaces and processes removed)");
+    let start = demo.start;
+    drop(demo);
+    println!("\ndone in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
 }
