@@ -157,6 +157,20 @@ fn main() -> Result<()> {
         tb.instance()
     );
     tb.start_agent(&cfg)?;
+    // What an operator would have written (the first VIP; the second is alike).
+    let text = std::fs::read_to_string(tb.config_path())?;
+    let mut shown: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .take_while(|l| !l.contains("web6"))
+        .collect();
+    while shown
+        .last()
+        .is_some_and(|l| l.is_empty() || *l == "[[vip]]")
+    {
+        shown.pop();
+    }
+    println!("  {}", shown.join("\n  ").trim_end());
     let demo = Demo { tb, vips, start };
     demo.lb(&["vip", "list"])?;
 
