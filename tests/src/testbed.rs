@@ -523,6 +523,23 @@ impl Testbed {
                     }
                     host.ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
                     host.ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+                    // IPv6 has no arp_announce: the backend would solicit the client's
+                    // MAC from the VIP, and the client's answer would follow its route to
+                    // the VIPs (the LB), losing the first reply of each backend. On a
+                    // real network the backend's next hop is a router; here, a static entry.
+                    let client = Role::Client;
+                    host.ns.ip(&[
+                        "-6",
+                        "neigh",
+                        "replace",
+                        &client.v6().to_string(),
+                        "lladdr",
+                        &fmt_mac(client.mac()),
+                        "dev",
+                        IFACE,
+                        "nud",
+                        "permanent",
+                    ])?;
                 }
             }
             self.hosts.push(host);
