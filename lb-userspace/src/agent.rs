@@ -39,7 +39,7 @@ pub fn require_root() -> Result<()> {
 }
 
 /// Mount bpffs on /sys/fs/bpf if nothing is mounted there.
-fn ensure_bpffs() -> Result<()> {
+pub fn ensure_bpffs() -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     let p = CString::new("/sys/fs/bpf").unwrap();
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };

@@ -39,7 +39,6 @@
 //! # Ok(()) }
 //! ```
 use std::{
-    ffi::CString,
     fmt, fs,
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
@@ -434,7 +433,7 @@ impl Testbed {
                  LB_TESTBED_SERVER",
             )?,
         };
-        ensure_bpffs()?;
+        lb_userspace::agent::ensure_bpffs()?;
         let prefix = opts.prefix.clone();
         let mut tb = Testbed {
             prefix: prefix.clone(),
@@ -1223,17 +1222,6 @@ pub fn down_prefix(prefix: &str) -> Result<Leftovers> {
         bail!("testbed {prefix}: could not remove {left}");
     }
     Ok(found)
-}
-
-/// Mount bpffs on /sys/fs/bpf if nothing is mounted there.
-fn ensure_bpffs() -> Result<()> {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let p = CString::new("/sys/fs/bpf").unwrap();
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(p.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
-        return Ok(());
-    }
-    crate::netns::run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).map(drop)
 }
 
 // ---------------------------------------------------------------------------------------
