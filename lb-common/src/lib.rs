@@ -213,7 +213,8 @@ pub enum Reason {
     DropUnsupported = 5,
     /// The VIP has no backend (empty ring) or the ring named an unused backend slot.
     DropNoBackend = 6,
-    /// ICMP to a VIP address that is not an error about one of its flows (echo, ...).
+    /// ICMP to a VIP address that is neither an echo request nor an error about one of its
+    /// flows.
     DropIcmp = 7,
     /// Too big to encapsulate and DF clear: cannot fragment in XDP.
     DropTooBig = 8,
@@ -227,9 +228,11 @@ pub enum Reason {
     TxIcmpTooBig = 12,
     /// `CONFIG` missing (agent not ready).
     DropNoConfig = 13,
+    /// An echo request (ping) to a VIP address, answered with an echo reply.
+    TxIcmpEcho = 14,
 }
 
-pub const NUM_REASONS: u32 = 14;
+pub const NUM_REASONS: u32 = 15;
 
 impl Reason {
     pub const ALL: [Reason; NUM_REASONS as usize] = [
@@ -247,6 +250,7 @@ impl Reason {
         Reason::TxIcmpForward,
         Reason::TxIcmpTooBig,
         Reason::DropNoConfig,
+        Reason::TxIcmpEcho,
     ];
 
     /// Metric label.
@@ -266,6 +270,7 @@ impl Reason {
             Reason::TxIcmpForward => "tx_icmp_forward",
             Reason::TxIcmpTooBig => "tx_icmp_too_big",
             Reason::DropNoConfig => "drop_no_config",
+            Reason::TxIcmpEcho => "tx_icmp_echo",
         }
     }
 }

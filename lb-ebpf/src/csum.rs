@@ -9,3 +9,9 @@ pub fn fold(mut sum: u64) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
 }
+
+/// RFC 1624 eqn. 3: the checksum `hc` after one 16-bit word changed from `m` to `m2`.
+#[inline(always)]
+pub fn replace(hc: u16, m: u16, m2: u16) -> u16 {
+    fold((!hc) as u64 + (!m) as u64 + m2 as u64)
+}

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use lb_common::*;
 
 use crate::{
-    csum::fold,
+    csum::{fold, replace},
     lb::Verdict,
     pkt::*,
 };
@@ -217,4 +217,50 @@ fn too_big(ctx: &XdpContext, frame: &Frame, mtu: u32) -> Verdict {
     }
     st16(icmp + 2, fold(sum + (body as u64 & 0xffff_ffff)));
     (XDP_TX, Reason::TxIcmpTooBig)
+}
+
+/// Answer an echo request to a VIP address in place (docs/dataplane.md, "Echo reply").
+#[inline(always)]
+pub fn echo_reply(ctx: &XdpContext, frame: &Frame, l4: usize) -> Verdict {
+    // Verifier: LLVM dropped a plain 14-byte check here as implied by the caller's check
+    // of the ICMP header (another pointer to the verifier): every check is `check_fresh`.
+    let Some(eth) = check_fresh(ctx, 0, 14) else {
+        return (XDP_DROP, Reason::DropTruncated);
+    };
+    let (dst, src) = (Mac::load(eth), Mac::load(eth + 6));
+    src.store(eth);
+    dst.store(eth + 6);
+    let v6 = frame.family == FAMILY_V6;
+    if v6 {
+        let Some(ip) = check_fresh(ctx, frame.l3, 40) else {
+            return (XDP_DROP, Reason::DropTruncated);
+        };
+        let mut i = 0;
+        while i < 16 {
+            let (a, b) = (ld32(ip + 8 + i), ld32(ip + 24 + i));
+            st32(ip + 8 + i, b);
+            st32(ip + 24 + i, a);
+            i += 4;
+        }
+        // The hop limit is not in the ICMPv6 pseudo-header: no checksum change.
+        st16(ip + 6, u16::from_ne_bytes([ld8(ip + 6), OUTER_TTL]));
+    } else {
+        let Some(ip) = check_fresh(ctx, frame.l3, 20) else {
+            return (XDP_DROP, Reason::DropTruncated);
+        };
+        let (a, b) = (ld32(ip + 12), ld32(ip + 16));
+        st32(ip + 12, b);
+        st32(ip + 16, a);
+        let (old, new) = (ld16(ip + 8), u16::from_ne_bytes([OUTER_TTL, ld8(ip + 9)]));
+        st16(ip + 8, new);
+        st16(ip + 10, replace(ld16(ip + 10), old, new));
+    }
+    let Some(icmp) = check_fresh(ctx, l4, 4) else {
+        return (XDP_DROP, Reason::DropTruncated);
+    };
+    let old = ld16(icmp);
+    let new = u16::from_ne_bytes([if v6 { 129 } else { 0 }, ld8(icmp + 1)]);
+    st16(icmp, new);
+    st16(icmp + 2, replace(ld16(icmp + 2), old, new));
+    (XDP_TX, Reason::TxIcmpEcho)
 }

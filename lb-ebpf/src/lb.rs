@@ -5,7 +5,7 @@ use aya_ebpf::{bindings::xdp_action::*, programs::XdpContext};
 use lb_common::*;
 
 use crate::{
-    forward::{forward, Frame},
+    forward::{echo_reply, forward, Frame},
     maps::{
         bump_counters, BACKENDS, BE_STATS, CONFIG, CONNS, RINGS, VIPS, VIP_ADDRS, VIP_FILTER,
         VIP_INFO, VIP_STATS,
@@ -246,6 +246,9 @@ fn icmp4(ctx: &XdpContext, frame: &Frame, l4: usize, ip_end: usize) -> Verdict {
         return drop(Reason::DropTruncated);
     };
     let ty = ld8(icmp);
+    if ty == 8 {
+        return echo_reply(ctx, frame, l4);
+    }
     if ty != 3 && ty != 11 {
         return drop(Reason::DropIcmp);
     }
@@ -279,6 +282,9 @@ fn icmp6(ctx: &XdpContext, frame: &Frame, l4: usize, ip_end: usize) -> Verdict {
         return drop(Reason::DropTruncated);
     };
     let ty = ld8(icmp);
+    if ty == 128 {
+        return echo_reply(ctx, frame, l4);
+    }
     if !(1..=3).contains(&ty) {
         return drop(Reason::DropIcmp);
     }

@@ -14,6 +14,23 @@ pub fn check(ctx: &XdpContext, off: usize, n: usize) -> Option<usize> {
     Some(start + off)
 }
 
+/// As [`check`], with `data` and `data_end` read afresh (volatile), so that LLVM cannot
+/// drop the comparison as implied by an earlier one on another pointer: the verifier
+/// tracks ranges per pointer and would not know.
+#[inline(always)]
+pub fn check_fresh(ctx: &XdpContext, off: usize, n: usize) -> Option<usize> {
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    };
+    if start + off + n > end {
+        return None;
+    }
+    Some(start + off)
+}
+
 #[inline(always)]
 pub fn ld8(p: usize) -> u8 {
     unsafe { *(p as *const u8) }

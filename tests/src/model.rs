@@ -133,6 +133,12 @@ fn fold(mut acc: u32) -> u16 {
     !(acc as u16)
 }
 
+/// RFC 1624 eqn. 3: checksum `hc` after one 16-bit word changed from `m` to `m2`
+/// (all big-endian values).
+fn csum_replace(hc: u16, m: u16, m2: u16) -> u16 {
+    fold(u32::from(!hc) + u32::from(!m) + u32::from(m2))
+}
+
 /// Internet checksum (RFC 1071) of `data`, as the value to store big-endian.
 pub fn inet_checksum(data: &[u8]) -> u16 {
     fold(sum16(0, data))
@@ -452,6 +458,9 @@ impl Model {
             return VDrop(Reason::DropTruncated);
         }
         let ty = f[l4];
+        if (ip.family == FAMILY_V4 && ty == 8) || (ip.family == FAMILY_V6 && ty == 128) {
+            return echo_reply(ip, l4);
+        }
         let inner = l4 + 8;
         let (proto, isrc, idst, ports) = if ip.family == FAMILY_V4 {
             if ty != 3 && ty != 11 {
@@ -707,6 +716,36 @@ impl Model {
     }
 }
 
+/// Echo request to a VIP address: answered in place (spec "Echo reply").
+fn echo_reply(ip: &Ip, l4: usize) -> Verdict {
+    let f = ip.f;
+    let l3 = ip.l3;
+    let mut out = f.to_vec();
+    out[0..6].copy_from_slice(&f[6..12]);
+    out[6..12].copy_from_slice(&f[0..6]);
+    let reply_type = if ip.family == FAMILY_V4 {
+        out[l3 + 12..l3 + 16].copy_from_slice(&f[l3 + 16..l3 + 20]);
+        out[l3 + 16..l3 + 20].copy_from_slice(&f[l3 + 12..l3 + 16]);
+        let old = be16(f, l3 + 8);
+        let new = u16::from_be_bytes([OUTER_TTL, f[l3 + 9]]);
+        out[l3 + 8] = OUTER_TTL;
+        let c = csum_replace(be16(f, l3 + 10), old, new);
+        out[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+        0
+    } else {
+        out[l3 + 8..l3 + 24].copy_from_slice(&f[l3 + 24..l3 + 40]);
+        out[l3 + 24..l3 + 40].copy_from_slice(&f[l3 + 8..l3 + 24]);
+        out[l3 + 7] = OUTER_TTL;
+        129
+    };
+    let old = be16(f, l4);
+    let new = u16::from_be_bytes([reply_type, f[l4 + 1]]);
+    out[l4] = reply_type;
+    let c = csum_replace(be16(f, l4 + 2), old, new);
+    out[l4 + 2..l4 + 4].copy_from_slice(&c.to_be_bytes());
+    VTx(Reason::TxIcmpEcho, out, None)
+}
+
 /// The `decap` program: returns the verdict, its `DECAP_STATS` reason and the frame as the
 /// program leaves it (unchanged unless `Decapped`).
 pub fn decap(frame: &[u8]) -> (Action, DecapReason, Vec<u8>) {
@@ -806,16 +845,16 @@ mod tests {
     use rand::{rngs::StdRng, Rng, SeedableRng};
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-    const VIP4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    const VIP4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
     const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
     const CLIENT4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
     const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
-    const ROUTER4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+    const ROUTER4: Ipv4Addr = Ipv4Addr::new(198, 18, 250, 1);
     const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 1);
-    const OTHER4: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 9);
+    const OTHER4: Ipv4Addr = Ipv4Addr::new(198, 19, 99, 9);
     const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, 9);
-    const BE4A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
-    const BE4B: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+    const BE4A: Ipv4Addr = Ipv4Addr::new(198, 19, 10, 1);
+    const BE4B: Ipv4Addr = Ipv4Addr::new(198, 19, 10, 2);
     const BE6A: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
     const BE6B: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
     const MAC_A: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 1];
@@ -863,7 +902,7 @@ mod tests {
             backend(BE4B.into(), [0; 6]),
             backend(BE6A.into(), MAC_A),
             backend(BE6B.into(), [0; 6]),
-            backend(Ipv4Addr::new(10, 1, 0, 3).into(), MAC_C),
+            backend(Ipv4Addr::new(198, 19, 10, 3).into(), MAC_C),
         ];
         m
     }
@@ -1006,7 +1045,10 @@ mod tests {
             Action::Tx => {
                 assert!(matches!(
                     o.reason,
-                    Reason::TxForward | Reason::TxIcmpForward | Reason::TxIcmpTooBig
+                    Reason::TxForward
+                        | Reason::TxIcmpForward
+                        | Reason::TxIcmpTooBig
+                        | Reason::TxIcmpEcho
                 ));
                 // Only what the program built: the ICMP reply, or an outer header.
                 if o.reason == Reason::TxIcmpTooBig || o.frame.len() != frame.len() {
@@ -1509,7 +1551,7 @@ mod tests {
             reason(&mut m, &tcp4(CLIENT4, 1, OTHER4, 80, false, b"")),
             PASS_NOT_VIP
         );
-        // ICMP to a non-VIP address; echo to a VIP.
+        // ICMP to a non-VIP address passes; a VIP answers echo requests.
         let echo4 = Icmpv4Type::EchoRequest(etherparse::IcmpEchoHeader { id: 1, seq: 1 });
         let echo6 = Icmpv6Type::EchoRequest(etherparse::IcmpEchoHeader { id: 1, seq: 1 });
         assert_eq!(
@@ -1524,7 +1566,7 @@ mod tests {
                 &mut m,
                 &Opts::default().icmp4(CLIENT4, VIP4, echo4, b"ping")
             ),
-            (Action::Drop, Reason::DropIcmp)
+            (Action::Tx, Reason::TxIcmpEcho)
         );
         assert_eq!(
             reason(
@@ -1538,7 +1580,7 @@ mod tests {
                 &mut m,
                 &Opts::default().icmp6(CLIENT6, VIP6, echo6, b"ping")
             ),
-            (Action::Drop, Reason::DropIcmp)
+            (Action::Tx, Reason::TxIcmpEcho)
         );
         // No VIP counters for any of these (only the one DF packet forwarded above).
         assert_eq!(m.vip_stats.len(), 1);
@@ -1750,7 +1792,7 @@ mod tests {
             let want = expected_ipip(
                 &f,
                 MAC_C,
-                outer4(&m.config, e, Ipv4Addr::new(10, 1, 0, 3)),
+                outer4(&m.config, e, Ipv4Addr::new(198, 19, 10, 3)),
                 e,
             );
             assert_frame_eq(&o.frame, &want);

@@ -724,7 +724,7 @@ mod tests {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
     const A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-    const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    const B: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 
     #[test]
     fn raw_words() {
@@ -803,7 +803,7 @@ mod tests {
             .with_tos(0x21)
             .udp4(A, 1, B, 2, b"abc");
         let src = Ipv4Addr::new(172, 16, 1, 2);
-        let dst = Ipv4Addr::new(10, 1, 0, 1);
+        let dst = Ipv4Addr::new(198, 19, 10, 1);
         let out = expected_ipip(&input, [9; 6], Outer::V4 { src, dst }, 0);
         assert_eq!(&out[0..6], &[9; 6]);
         assert_eq!(&out[6..12], &LB_MAC);

@@ -89,7 +89,7 @@ fn base_frame(rng: &mut StdRng, fx: &Fixture) -> Vec<u8> {
         _ => rng.gen_range(0..64),
     };
     let payload: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-    match rng.gen_range(0..20) {
+    match rng.gen_range(0..21) {
         0..=7 => o.tcp(src, sport, dst, dport, &payload),
         8..=14 => o.udp(src, sport, dst, dport, &payload),
         15..=17 => {
@@ -122,6 +122,26 @@ fn base_frame(rng: &mut StdRng, fx: &Fixture) -> Vec<u8> {
             ..o
         }
         .ip_raw(src, dst, [47, 132, 1, 58, 2][rng.gen_range(0..5)], &payload),
+        // Pings, to the VIP address or elsewhere.
+        19 => {
+            let echo = etherparse::IcmpEchoHeader {
+                id: rng.gen(),
+                seq: rng.gen(),
+            };
+            let o = Opts {
+                ipv6_fragment: false,
+                ..o
+            };
+            match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    o.icmp4(s, d, etherparse::Icmpv4Type::EchoRequest(echo), &payload)
+                }
+                (IpAddr::V6(s), IpAddr::V6(d)) => {
+                    o.icmp6(s, d, etherparse::Icmpv6Type::EchoRequest(echo), &payload)
+                }
+                _ => unreachable!(),
+            }
+        }
         _ => packets::raw_ether(
             [0x0806, 0x88cc, 0x8100, 0x0800, 0x86dd][rng.gen_range(0..5)],
             None,

@@ -23,7 +23,7 @@ use lb_tests::packets::{
     Opts, TCP, UDP,
 };
 
-const ROUTER4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const ROUTER4: Ipv4Addr = Ipv4Addr::new(198, 18, 250, 1);
 const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 1);
 
 /// Frame shapes every forwarding mode must handle.
@@ -755,5 +755,51 @@ fn decap_passes_everything_else_untouched() {
         let (run, r) = env.decap(&f);
         assert_eq!((run.action, r), (XDP_PASS, DecapReason::Pass), "{name}");
         assert_frame_eq(&run.frame, &f, &format!("{name}: untouched"));
+    }
+}
+
+/// A VIP answers pings as a host would: MACs and addresses swapped, TTL / hop limit 64,
+/// type echo reply, valid checksums, identifier, sequence and payload unchanged. The
+/// expected reply is built from scratch with etherparse.
+#[test]
+fn echo_requests_to_a_vip_are_answered_by_the_lb() {
+    use etherparse::{IcmpEchoHeader, Icmpv4Type, Icmpv6Type};
+    use lb_tests::packets::{CLIENT_MAC, LB_MAC};
+    let mut env = Env::standard();
+    let echo = IcmpEchoHeader { id: 0x1234, seq: 7 };
+    let payload = b"ping payload, 32 bytes long....";
+    for (name, o) in variants() {
+        let answer = Opts {
+            ttl: OUTER_TTL,
+            ..o.clone()
+        }
+        .with_macs(LB_MAC, CLIENT_MAC);
+        let (IpAddr::V4(vip), IpAddr::V4(client)) = (v4(10, 1), v4(100, 7)) else {
+            unreachable!()
+        };
+        let request = o.icmp4(client, vip, Icmpv4Type::EchoRequest(echo.clone()), payload);
+        let want = answer.icmp4(vip, client, Icmpv4Type::EchoReply(echo.clone()), payload);
+        let (run, reason) = env.lb(&request);
+        assert_eq!((run.action, reason), (3, Reason::TxIcmpEcho), "{name} v4");
+        assert_frame_eq(&run.frame, &want, &format!("{name}: IPv4 echo reply"));
+
+        let (IpAddr::V6(vip), IpAddr::V6(client)) = (v6(10, 1), v6(100, 7)) else {
+            unreachable!()
+        };
+        let o6 = Opts {
+            df: false,
+            ..o.clone()
+        };
+        let answer6 = Opts {
+            ttl: OUTER_TTL,
+            df: false,
+            ..o.clone()
+        }
+        .with_macs(LB_MAC, CLIENT_MAC);
+        let request = o6.icmp6(client, vip, Icmpv6Type::EchoRequest(echo.clone()), payload);
+        let want = answer6.icmp6(vip, client, Icmpv6Type::EchoReply(echo.clone()), payload);
+        let (run, reason) = env.lb(&request);
+        assert_eq!((run.action, reason), (3, Reason::TxIcmpEcho), "{name} v6");
+        assert_frame_eq(&run.frame, &want, &format!("{name}: IPv6 echo reply"));
     }
 }

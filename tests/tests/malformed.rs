@@ -538,16 +538,25 @@ fn icmp_to_a_vip_that_is_not_an_error_about_its_flows_is_dropped() {
     let echo4 = Icmpv4Type::EchoRequest(etherparse::IcmpEchoHeader { id: 1, seq: 1 });
     let echo6 = Icmpv6Type::EchoRequest(etherparse::IcmpEchoHeader { id: 1, seq: 1 });
     let o = Opts::default();
+    // (Echo requests to a VIP are answered: forwarding.rs.)
+    let timestamp = Icmpv4Type::TimestampRequest(etherparse::icmpv4::TimestampMessage {
+        id: 1,
+        seq: 1,
+        originate_timestamp: 0,
+        receive_timestamp: 0,
+        transmit_timestamp: 0,
+    });
     check(
         &mut env,
-        "ICMP echo to a VIP",
-        &o.icmp4(c4, vip4, echo4.clone(), b"ping"),
+        "ICMP timestamp request to a VIP",
+        &o.icmp4(c4, vip4, timestamp, b""),
         Reason::DropIcmp,
     );
+    let reply6 = Icmpv6Type::EchoReply(etherparse::IcmpEchoHeader { id: 1, seq: 1 });
     check(
         &mut env,
-        "ICMPv6 echo to a VIP",
-        &o.icmp6(c6, vip6, echo6, b"ping"),
+        "ICMPv6 echo reply to a VIP",
+        &o.icmp6(c6, vip6, reply6, b"ping"),
         Reason::DropIcmp,
     );
     let reply4 = Icmpv4Type::EchoReply(etherparse::IcmpEchoHeader { id: 1, seq: 1 });
@@ -583,7 +592,7 @@ fn icmp_to_a_vip_that_is_not_an_error_about_its_flows_is_dropped() {
     );
     // An error quoting something that is no VIP flow: wrong VIP port, wrong protocol,
     // quoted source not the VIP.
-    let unreach = |q: &[u8]| icmp4_dest_unreach(Ipv4Addr::new(198, 51, 100, 1), vip4, 1400, q);
+    let unreach = |q: &[u8]| icmp4_dest_unreach(Ipv4Addr::new(198, 18, 250, 1), vip4, 1400, q);
     let q = |src: IpAddr, sport: u16, proto: u8| {
         let o = Opts::default();
         let dst = IpAddr::from(c4);
@@ -631,7 +640,7 @@ fn icmp_errors_cut_short_are_truncated() {
         unreachable!()
     };
     let q4 = ip_packet(&Opts::default().tcp(vip4.into(), 80, client4(8).into(), 4444, b"q"));
-    let full4 = icmp4_dest_unreach(Ipv4Addr::new(198, 51, 100, 1), vip4, 1400, &q4);
+    let full4 = icmp4_dest_unreach(Ipv4Addr::new(198, 18, 250, 1), vip4, 1400, &q4);
     let q6 = ip_packet(&Opts::default().tcp(vip6.into(), 80, client6(8).into(), 4444, b"q"));
     let full6 = icmp6_packet_too_big(
         Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 1),
@@ -665,7 +674,7 @@ fn icmp_errors_cut_short_are_truncated() {
     }
     // ICMPv4 error quoting a bad IPv4 header.
     let bad = q4_with_ihl(3);
-    let f = icmp4_dest_unreach(Ipv4Addr::new(198, 51, 100, 1), vip4, 1400, &bad);
+    let f = icmp4_dest_unreach(Ipv4Addr::new(198, 18, 250, 1), vip4, 1400, &bad);
     check(
         &mut env,
         "ICMP error quoting IHL 3",
@@ -695,14 +704,14 @@ fn icmpv4_type_that_is_not_an_error_kind_we_follow() {
         code: icmpv4::RedirectCode::RedirectForNetwork,
         gateway_internet_address: [1, 2, 3, 4],
     });
-    let f = Opts::default().icmp4(Ipv4Addr::new(198, 51, 100, 1), vip4, redirect, &q4);
+    let f = Opts::default().icmp4(Ipv4Addr::new(198, 18, 250, 1), vip4, redirect, &q4);
     check(
         &mut env,
         "ICMP redirect quoting a VIP flow",
         &f,
         Reason::DropIcmp,
     );
-    let f = icmp4_dest_unreach(Ipv4Addr::new(198, 51, 100, 1), vip4, 1400, &q4);
+    let f = icmp4_dest_unreach(Ipv4Addr::new(198, 18, 250, 1), vip4, 1400, &q4);
     check(
         &mut env,
         "ICMP frag-needed quoting a VIP flow",

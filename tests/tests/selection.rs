@@ -429,7 +429,7 @@ fn counters_match_what_was_sent() {
     let q = ip_packet(&Opts::default().udp(addr, 80, client, sport, b"reply"));
     let icmp = match addr {
         IpAddr::V4(a) => {
-            lb_tests::packets::icmp4_dest_unreach(Ipv4Addr::new(198, 51, 100, 1), a, 1400, &q)
+            lb_tests::packets::icmp4_dest_unreach(Ipv4Addr::new(198, 18, 250, 1), a, 1400, &q)
         }
         _ => unreachable!(),
     };
