@@ -777,8 +777,8 @@ fn echo_requests_to_a_vip_are_answered_by_the_lb() {
         let (IpAddr::V4(vip), IpAddr::V4(client)) = (v4(10, 1), v4(100, 7)) else {
             unreachable!()
         };
-        let request = o.icmp4(client, vip, Icmpv4Type::EchoRequest(echo.clone()), payload);
-        let want = answer.icmp4(vip, client, Icmpv4Type::EchoReply(echo.clone()), payload);
+        let request = o.icmp4(client, vip, Icmpv4Type::EchoRequest(echo), payload);
+        let want = answer.icmp4(vip, client, Icmpv4Type::EchoReply(echo), payload);
         let (run, reason) = env.lb(&request);
         assert_eq!((run.action, reason), (3, Reason::TxIcmpEcho), "{name} v4");
         assert_frame_eq(&run.frame, &want, &format!("{name}: IPv4 echo reply"));
@@ -796,8 +796,8 @@ fn echo_requests_to_a_vip_are_answered_by_the_lb() {
             ..o.clone()
         }
         .with_macs(LB_MAC, CLIENT_MAC);
-        let request = o6.icmp6(client, vip, Icmpv6Type::EchoRequest(echo.clone()), payload);
-        let want = answer6.icmp6(vip, client, Icmpv6Type::EchoReply(echo.clone()), payload);
+        let request = o6.icmp6(client, vip, Icmpv6Type::EchoRequest(echo), payload);
+        let want = answer6.icmp6(vip, client, Icmpv6Type::EchoReply(echo), payload);
         let (run, reason) = env.lb(&request);
         assert_eq!((run.action, reason), (3, Reason::TxIcmpEcho), "{name} v6");
         assert_frame_eq(&run.frame, &want, &format!("{name}: IPv6 echo reply"));
