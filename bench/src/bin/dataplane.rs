@@ -72,16 +72,9 @@ fn flows(n: u32, client: impl Fn(u32) -> IpAddr, vip: IpAddr, syn: bool) -> Vec<
 /// Client address of flow `i`.
 type ClientFn = Box<dyn Fn(u32) -> IpAddr>;
 
-/// ns per packet for [floor, non-VIP, new, established, hot], IPv4 and IPv6, with a fresh
-/// data plane (1M-entry connection table, 65537-slot rings: production sizes).
+/// ns per packet for [floor, non-VIP, new, established, hot], IPv4 and IPv6, each family
+/// on a fresh data plane (1M-entry connection table, 65537-slot rings: production sizes).
 fn measure(nflows: u32) -> Result<[[f64; 2]; 5]> {
-    let mut dp = Dataplane::load(Sizes {
-        max_conns: 1 << 20,
-        ..Sizes::default()
-    })?;
-    let mut fx = Fixture::standard();
-    fx.ring_size = lb_common::DEFAULT_RING_SIZE;
-    fx.apply(&mut dp, &mut Model::default())?;
     let mut out = [[0.0; 2]; 5];
     let families: [(ClientFn, IpAddr, IpAddr); 2] = [
         (
@@ -96,6 +89,14 @@ fn measure(nflows: u32) -> Result<[[f64; 2]; 5]> {
         ),
     ];
     for (fam, (client, vip, other)) in families.into_iter().enumerate() {
+        // A fresh data plane per family: each starts with an empty connection table.
+        let mut dp = Dataplane::load(Sizes {
+            max_conns: 1 << 20,
+            ..Sizes::default()
+        })?;
+        let mut fx = Fixture::standard();
+        fx.ring_size = lb_common::DEFAULT_RING_SIZE;
+        fx.apply(&mut dp, &mut Model::default())?;
         let syns = flows(nflows, &client, vip, true);
         let acks = flows(nflows, &client, vip, false);
         let non_vip: Vec<Vec<u8>> = (0..CALLS)
