@@ -19,7 +19,6 @@ use crate::{
 /// What the agent last wrote for one VIP.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AppliedVip {
-    pub name: String,
     pub meta: VipMeta,
     /// Fingerprint of the live ring (read back from RINGS when adopted): enough to skip
     /// rewriting an identical ring without keeping 256 KiB per VIP in the agent.
@@ -33,7 +32,6 @@ pub struct AppliedVip {
 pub struct Applied {
     pub backends: BTreeMap<IpAddr, (u32, Backend)>,
     pub vips: HashMap<VipKey, AppliedVip>,
-    pub config: Option<Config>,
     /// Ids of removed backends (`RETIRED` in the map) and when they were retired: not
     /// handed out again for [`ID_QUARANTINE`].
     pub retired: BTreeMap<u32, std::time::Instant>,
@@ -98,7 +96,6 @@ pub fn adopt(dp: &Dataplane) -> Result<Applied> {
         applied.vips.insert(
             key,
             AppliedVip {
-                name: String::new(),
                 meta,
                 ring: ring_hash(&ring),
                 input: None,
@@ -294,6 +291,10 @@ pub fn reconcile(
                     && a.meta.flags == flags
                     && a.meta.forwarding == forwarding;
                 if unchanged {
+                    // Adopted (or rebuilt to the same ring): remember what it is built from.
+                    if let Some(a) = applied.vips.get_mut(&key) {
+                        a.input = Some(input);
+                    }
                     continue;
                 }
                 let cur = dp.ring_buffer(a.meta.ring_base);
@@ -320,7 +321,6 @@ pub fn reconcile(
         applied.vips.insert(
             key,
             AppliedVip {
-                name: v.name.clone(),
                 meta,
                 ring: ring_hash(&ring),
                 input: Some(input),
@@ -377,6 +377,5 @@ pub fn reconcile(
         applied.retired.insert(id, std::time::Instant::now());
         ch.backends_removed.push(addr);
     }
-    applied.config = Some(cfg.clone());
     Ok(ch)
 }
