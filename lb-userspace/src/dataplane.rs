@@ -127,6 +127,7 @@ impl Dataplane {
             None => Vec::new(),
         };
         for (name, path) in &paths {
+            check_pinned_layout(name, path)?;
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader
@@ -379,6 +380,46 @@ impl Dataplane {
     }
 }
 
+/// Key and value sizes this build expects of each map.
+fn map_layout(name: &str) -> Option<(usize, usize)> {
+    use std::mem::size_of;
+    Some(match name {
+        "VIPS" => (size_of::<VipKey>(), size_of::<VipMeta>()),
+        "VIP_ADDRS" => (size_of::<AddrKey>(), size_of::<u32>()),
+        "VIP_FILTER" => (4, size_of::<u64>()),
+        "VIP_INFO" => (4, size_of::<VipInfo>()),
+        "RINGS" => (4, size_of::<[u32; 2]>()),
+        "BACKENDS" => (4, size_of::<Backend>()),
+        "CONNS" => (size_of::<FlowKey>(), size_of::<ConnVal>()),
+        "CONFIG" => (4, size_of::<Config>()),
+        "STATS" | "DECAP_STATS" => (4, size_of::<u64>()),
+        "VIP_STATS" | "BE_STATS" => (4, size_of::<Counters>()),
+        _ => return None,
+    })
+}
+
+/// A map pinned by an earlier build must have this build's layout, or adopting it would
+/// let the program misread every entry: refuse with what to do instead.
+fn check_pinned_layout(name: &str, path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = MapData::from_pin(path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?
+        .info()?;
+    let (k, v) = map_layout(name).ok_or_else(|| anyhow!("no layout known for map {name}"))?;
+    if (info.key_size() as usize, info.value_size() as usize) != (k, v) {
+        bail!(
+            "pinned map {} has {}-byte keys and {}-byte values, this build expects {k} and {v}: \
+             an incompatible upgrade; `lb agent --stop` first (the connection table is lost)",
+            path.display(),
+            info.key_size(),
+            info.value_size()
+        );
+    }
+    Ok(())
+}
+
 /// What `VIP_INFO` holds for a live VIP.
 pub fn vip_info(key: &VipKey, meta: &VipMeta) -> VipInfo {
     VipInfo {
@@ -521,4 +562,65 @@ fn update_batch<V>(map: &OwnedFd, keys: &[u32], values: &[V]) -> Result<()> {
         done += attr.count as usize;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pin `fd` at `path` (BPF_OBJ_PIN).
+    fn pin(fd: &OwnedFd, path: &Path) {
+        use std::os::unix::ffi::OsStrExt;
+        #[repr(C)]
+        struct PinAttr {
+            pathname: u64,
+            bpf_fd: u32,
+            file_flags: u32,
+        }
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let attr = PinAttr {
+            pathname: c.as_ptr() as u64,
+            bpf_fd: fd.as_raw_fd() as u32,
+            file_flags: 0,
+        };
+        const BPF_OBJ_PIN: libc::c_long = 6;
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_PIN,
+                &attr as *const PinAttr,
+                std::mem::size_of::<PinAttr>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    }
+
+    #[test]
+    fn a_pinned_map_of_another_layout_is_refused_not_adopted() {
+        crate::agent::ensure_bpffs().unwrap();
+        let dir =
+            std::path::PathBuf::from(format!("/sys/fs/bpf/lbtest-layout-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A connection table from a build whose values were 16 bytes.
+        let old = map_create(1 /* HASH */, 40, 16, 1024, None).unwrap();
+        pin(&old, &dir.join("CONNS"));
+        let sizes = Sizes {
+            max_vips: 4,
+            max_backends: 16,
+            max_conns: 1024,
+            ring_stride: 7,
+        };
+        let err = Dataplane::load_pinned(sizes, Some(&dir))
+            .err()
+            .map(|e| format!("{e:#}"));
+        for e in std::fs::read_dir(&dir).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        std::fs::remove_dir(&dir).unwrap();
+        let err = err.expect("an incompatible pinned map was adopted");
+        assert!(
+            err.contains("CONNS") && err.contains("incompatible upgrade"),
+            "{err}"
+        );
+    }
 }
