@@ -151,8 +151,7 @@ fn too_big(ctx: &XdpContext, frame: &Frame, mtu: u32) -> Verdict {
     let ip = old + l3;
     let (mut src, mut dst) = ([0u32; 4], [0u32; 4]);
     if v6 {
-        src = [ld32(ip + 8), ld32(ip + 12), ld32(ip + 16), ld32(ip + 20)];
-        dst = [ld32(ip + 24), ld32(ip + 28), ld32(ip + 32), ld32(ip + 36)];
+        (src, dst) = (ld_addr6(ip + 8), ld_addr6(ip + 24));
     } else {
         src[0] = ld32(ip + 12);
         dst[0] = ld32(ip + 16);

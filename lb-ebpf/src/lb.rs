@@ -138,7 +138,7 @@ fn ipv6(ctx: &XdpContext, l3: usize, len: usize) -> Verdict {
         return drop(Reason::DropBadHeader);
     }
     let ip_end = l3 + ip_len;
-    let dst = [ld32(ip + 24), ld32(ip + 28), ld32(ip + 32), ld32(ip + 36)];
+    let dst = ld_addr6(ip + 24);
     let next = ld8(ip + 6);
     let frame = Frame {
         l3,
@@ -150,7 +150,7 @@ fn ipv6(ctx: &XdpContext, l3: usize, len: usize) -> Verdict {
     };
     match next {
         PROTO_TCP | PROTO_UDP => {
-            let src = [ld32(ip + 8), ld32(ip + 12), ld32(ip + 16), ld32(ip + 20)];
+            let src = ld_addr6(ip + 8);
             l4_to_vip(ctx, &frame, src, dst, next, l3 + 40, ip_end)
         }
         PROTO_ICMPV6 => {
@@ -198,14 +198,16 @@ fn l4_to_vip(
     // Established flow fast path: the entry names its VIP, VIP_INFO confirms that VIP still
     // has this key (an array read instead of the VIPS hash lookup). Same result as the full
     // path below, which handles everything else.
-    let conn = CONNS.get_ptr(&flow).map(|c| unsafe { *c });
+    let conn = conn_of(&flow);
     if let Some(c) = conn {
         if let Some(info) = VIP_INFO.get(c.vip) {
             if info.live != 0 && info.key == key {
-                if let Some(be) = BACKENDS.get(c.backend) {
-                    if be.state == BACKEND_UP || be.state == BACKEND_DRAINING {
-                        return established(ctx, frame, &flow, c, info.forwarding, be);
-                    }
+                if let Some(be) = BACKENDS.get(c.backend).filter(|be| keeps_flows(be)) {
+                    let Some(cfg) = CONFIG.get(0) else {
+                        return drop(Reason::DropNoConfig);
+                    };
+                    let to = To { vip: c.vip, forwarding: info.forwarding, backend: c.backend };
+                    return send(ctx, frame, &flow, &to, be, cfg, false, false);
                 }
             }
         }
@@ -216,22 +218,42 @@ fn l4_to_vip(
     to_backend(ctx, frame, &flow, unsafe { &*vip }, conn, false)
 }
 
+/// The flow's connection-table entry, copied out.
 #[inline(always)]
-fn established(
+fn conn_of(flow: &FlowKey) -> Option<ConnVal> {
+    CONNS.get_ptr(flow).map(|c| unsafe { *c })
+}
+
+/// A backend that keeps its established flows.
+#[inline(always)]
+fn keeps_flows(be: &Backend) -> bool {
+    be.state == BACKEND_UP || be.state == BACKEND_DRAINING
+}
+
+/// Where a selected packet goes: its VIP (counters, forwarding mode) and backend.
+struct To {
+    vip: u32,
+    forwarding: u8,
+    backend: u32,
+}
+
+/// Forward to the chosen backend and count it: VIP always, backend when sent.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn send(
     ctx: &XdpContext,
     frame: &Frame,
     flow: &FlowKey,
-    c: ConnVal,
-    forwarding: u8,
+    to: &To,
     be: &Backend,
+    cfg: &Config,
+    new: bool,
+    icmp: bool,
 ) -> Verdict {
-    let Some(cfg) = CONFIG.get(0) else {
-        return drop(Reason::DropNoConfig);
-    };
-    bump_counters(&VIP_STATS, c.vip, frame.len as u64, false);
-    let verdict = forward(ctx, frame, flow, forwarding, be, cfg, false);
-    if verdict.1 == Reason::TxForward {
-        bump_counters(&BE_STATS, c.backend, frame.len as u64, false);
+    bump_counters(&VIP_STATS, to.vip, frame.len as u64, new);
+    let verdict = forward(ctx, frame, flow, to.forwarding, be, cfg, icmp);
+    if verdict.1 == Reason::TxForward || verdict.1 == Reason::TxIcmpForward {
+        bump_counters(&BE_STATS, to.backend, frame.len as u64, new);
     }
     verdict
 }
@@ -302,8 +324,7 @@ fn icmp6(ctx: &XdpContext, frame: &Frame, l4: usize, ip_end: usize) -> Verdict {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return drop(Reason::DropIcmp);
     }
-    let isrc = [ld32(iip + 8), ld32(iip + 12), ld32(iip + 16), ld32(iip + 20)];
-    let idst = [ld32(iip + 24), ld32(iip + 28), ld32(iip + 32), ld32(iip + 36)];
+    let (isrc, idst) = (ld_addr6(iip + 8), ld_addr6(iip + 24));
     quoted_flow(ctx, frame, isrc, idst, proto, inner + 40, ip_end)
 }
 
@@ -338,8 +359,7 @@ fn quoted_flow(
         family: frame.family,
         _pad: [0; 2],
     };
-    let conn = CONNS.get_ptr(&flow).map(|c| unsafe { *c });
-    to_backend(ctx, frame, &flow, unsafe { &*vip }, conn, true)
+    to_backend(ctx, frame, &flow, unsafe { &*vip }, conn_of(&flow), true)
 }
 
 /// Connection table first, then the VIP's Maglev ring.
@@ -362,13 +382,8 @@ fn to_backend(
             return drop(r);
         }
     };
-    let new = new && !icmp;
-    bump_counters(&VIP_STATS, vip.id, frame.len as u64, new);
-    let verdict = forward(ctx, frame, flow, vip.forwarding, be, cfg, icmp);
-    if verdict.1 == Reason::TxForward || verdict.1 == Reason::TxIcmpForward {
-        bump_counters(&BE_STATS, id, frame.len as u64, new);
-    }
-    verdict
+    let to = To { vip: vip.id, forwarding: vip.forwarding, backend: id };
+    send(ctx, frame, flow, &to, be, cfg, new && !icmp, icmp)
 }
 
 #[inline(always)]
@@ -380,14 +395,12 @@ fn select<'a>(
     insert: bool,
 ) -> Result<(u32, &'a Backend, bool), Reason> {
     if let Some(c) = conn {
-        if let Some(be) = BACKENDS.get(c.backend) {
-            if be.state == BACKEND_UP || be.state == BACKEND_DRAINING {
-                // An entry from the VIP's earlier life under another id: adopt it.
-                if insert && c.vip != vip.id {
-                    let _ = CONNS.insert(flow, ConnVal { backend: c.backend, vip: vip.id }, 0);
-                }
-                return Ok((c.backend, be, false));
+        if let Some(be) = BACKENDS.get(c.backend).filter(|be| keeps_flows(be)) {
+            // An entry from the VIP's earlier life under another id: adopt it.
+            if insert && c.vip != vip.id {
+                let _ = CONNS.insert(flow, ConnVal { backend: c.backend, vip: vip.id }, 0);
             }
+            return Ok((c.backend, be, false));
         }
     }
     if vip.ring_size == 0 {

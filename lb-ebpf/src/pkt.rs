@@ -43,6 +43,11 @@ pub fn ld16(p: usize) -> u16 {
 pub fn ld32(p: usize) -> u32 {
     unsafe { *(p as *const u32) }
 }
+/// An IPv6 address as four raw words.
+#[inline(always)]
+pub fn ld_addr6(p: usize) -> [u32; 4] {
+    [ld32(p), ld32(p + 4), ld32(p + 8), ld32(p + 12)]
+}
 #[inline(always)]
 pub fn st16(p: usize, v: u16) {
     unsafe { *(p as *mut u16) = v }
