@@ -64,6 +64,19 @@ pub fn addr_raw(ip: IpAddr) -> ([u32; 4], u8) {
     }
 }
 
+/// The address an [`addr_raw`] pair stands for.
+pub fn ip_from_raw(addr: [u32; 4], family: u8) -> IpAddr {
+    if family == FAMILY_V6 {
+        let mut o = [0u8; 16];
+        for (i, w) in addr.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    } else {
+        IpAddr::from(addr[0].to_ne_bytes())
+    }
+}
+
 /// Raw (network-order) port.
 pub fn port_raw(port: u16) -> u16 {
     port.to_be()
@@ -92,21 +105,36 @@ pub struct Dataplane {
     grace: Option<(OwnedFd, OwnedFd)>,
 }
 
-/// Every map of the object, by the name it is pinned under.
-pub const MAP_NAMES: [&str; 12] = [
-    "VIPS",
-    "VIP_ADDRS",
-    "VIP_FILTER",
-    "VIP_INFO",
-    "RINGS",
-    "BACKENDS",
-    "CONNS",
-    "CONFIG",
-    "STATS",
-    "VIP_STATS",
-    "BE_STATS",
-    "DECAP_STATS",
-];
+/// Every map of the object: the name it is pinned under, and the key and value sizes this
+/// build expects of it (a pinned map of another layout is refused, not adopted).
+pub const MAPS: [(&str, usize, usize); 12] = {
+    use std::mem::size_of;
+    [
+        ("VIPS", size_of::<VipKey>(), size_of::<VipMeta>()),
+        ("VIP_ADDRS", size_of::<AddrKey>(), size_of::<u32>()),
+        ("VIP_FILTER", 4, size_of::<u64>()),
+        ("VIP_INFO", 4, size_of::<VipInfo>()),
+        ("RINGS", 4, size_of::<[u32; 2]>()),
+        ("BACKENDS", 4, size_of::<Backend>()),
+        ("CONNS", size_of::<FlowKey>(), size_of::<ConnVal>()),
+        ("CONFIG", 4, size_of::<Config>()),
+        ("STATS", 4, size_of::<u64>()),
+        ("VIP_STATS", 4, size_of::<Counters>()),
+        ("BE_STATS", 4, size_of::<Counters>()),
+        ("DECAP_STATS", 4, size_of::<u64>()),
+    ]
+};
+
+/// The names of [`MAPS`].
+pub const MAP_NAMES: [&str; MAPS.len()] = {
+    let mut names = [""; MAPS.len()];
+    let mut i = 0;
+    while i < MAPS.len() {
+        names[i] = MAPS[i].0;
+        i += 1;
+    }
+    names
+};
 
 impl Dataplane {
     /// Load the object with the given capacities and load (verify) every program.
@@ -123,11 +151,11 @@ impl Dataplane {
         };
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, std::path::PathBuf)> = match pin_dir {
-            Some(d) => MAP_NAMES.iter().map(|n| (*n, d.join(n))).collect(),
+            Some(d) => MAPS.iter().map(|(n, ..)| (*n, d.join(n))).collect(),
             None => Vec::new(),
         };
-        for (name, path) in &paths {
-            check_pinned_layout(name, path)?;
+        for ((name, path), &(_, key, value)) in paths.iter().zip(&MAPS) {
+            check_pinned_layout(path, key, value)?;
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader
@@ -265,7 +293,7 @@ impl Dataplane {
             value: u64,
             flags: u64,
         }
-        let attr = ElemAttr {
+        let mut attr = ElemAttr {
             map_fd: outer.as_raw_fd() as u32,
             _pad: 0,
             key: &key as *const u32 as u64,
@@ -273,17 +301,7 @@ impl Dataplane {
             flags: 0,
         };
         const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_ELEM,
-                &attr as *const ElemAttr,
-                std::mem::size_of::<ElemAttr>() as u32,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error()).context("waiting for an RCU grace period");
-        }
+        sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("waiting for an RCU grace period")?;
         Ok(())
     }
 
@@ -380,34 +398,15 @@ impl Dataplane {
     }
 }
 
-/// Key and value sizes this build expects of each map.
-fn map_layout(name: &str) -> Option<(usize, usize)> {
-    use std::mem::size_of;
-    Some(match name {
-        "VIPS" => (size_of::<VipKey>(), size_of::<VipMeta>()),
-        "VIP_ADDRS" => (size_of::<AddrKey>(), size_of::<u32>()),
-        "VIP_FILTER" => (4, size_of::<u64>()),
-        "VIP_INFO" => (4, size_of::<VipInfo>()),
-        "RINGS" => (4, size_of::<[u32; 2]>()),
-        "BACKENDS" => (4, size_of::<Backend>()),
-        "CONNS" => (size_of::<FlowKey>(), size_of::<ConnVal>()),
-        "CONFIG" => (4, size_of::<Config>()),
-        "STATS" | "DECAP_STATS" => (4, size_of::<u64>()),
-        "VIP_STATS" | "BE_STATS" => (4, size_of::<Counters>()),
-        _ => return None,
-    })
-}
-
 /// A map pinned by an earlier build must have this build's layout, or adopting it would
 /// let the program misread every entry: refuse with what to do instead.
-fn check_pinned_layout(name: &str, path: &Path) -> Result<()> {
+fn check_pinned_layout(path: &Path, k: usize, v: usize) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
     let info = MapData::from_pin(path)
         .with_context(|| format!("opening pinned map {}", path.display()))?
         .info()?;
-    let (k, v) = map_layout(name).ok_or_else(|| anyhow!("no layout known for map {name}"))?;
     if (info.key_size() as usize, info.value_size() as usize) != (k, v) {
         bail!(
             "pinned map {} has {}-byte keys and {}-byte values, this build expects {k} and {v}: \
@@ -455,7 +454,7 @@ fn map_create(
         map_flags: u32,
         inner_map_fd: u32,
     }
-    let attr = CreateAttr {
+    let mut attr = CreateAttr {
         map_type,
         key_size,
         value_size,
@@ -464,17 +463,7 @@ fn map_create(
         ..Default::default()
     };
     const BPF_MAP_CREATE: libc::c_long = 0;
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &attr as *const CreateAttr,
-            std::mem::size_of::<CreateAttr>() as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("creating a map");
-    }
+    let fd = sys_bpf(BPF_MAP_CREATE, &mut attr).context("creating a map")?;
     use std::os::fd::FromRawFd;
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -492,19 +481,20 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+/// `bpf(2)` with the attribute struct `attr`: its non-negative result, or the error.
+fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<i64> {
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
+            attr as *mut A,
+            std::mem::size_of::<A>() as u32,
         )
     };
-    if r != 0 {
+    if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(())
+    Ok(r)
 }
 
 /// `BPF_MAP_LOOKUP_BATCH` of array elements `base..base+len`.
@@ -530,10 +520,10 @@ fn lookup_batch<V: Copy + Default>(map: &OwnedFd, base: u32, len: u32) -> Result
             map_fd: map.as_raw_fd() as u32,
             ..Default::default()
         };
-        let r = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let r = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         if attr.count == 0 {
             r?;
-            bail!("RINGS ended before slot {}", base as usize + done);
+            bail!("the map ended before element {}", base as usize + done);
         }
         done += attr.count as usize;
         cursor = out;
@@ -554,7 +544,7 @@ fn update_batch<V>(map: &OwnedFd, keys: &[u32], values: &[V]) -> Result<()> {
             map_fd: map.as_raw_fd() as u32,
             ..Default::default()
         };
-        let r = bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr);
+        let r = sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
         // On success or partial progress the kernel reports how many it wrote.
         if attr.count == 0 {
             r?;
@@ -578,21 +568,13 @@ mod tests {
             file_flags: u32,
         }
         let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-        let attr = PinAttr {
+        let mut attr = PinAttr {
             pathname: c.as_ptr() as u64,
             bpf_fd: fd.as_raw_fd() as u32,
             file_flags: 0,
         };
         const BPF_OBJ_PIN: libc::c_long = 6;
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_OBJ_PIN,
-                &attr as *const PinAttr,
-                std::mem::size_of::<PinAttr>() as u32,
-            )
-        };
-        assert_eq!(r, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+        sys_bpf(BPF_OBJ_PIN, &mut attr).expect("BPF_OBJ_PIN");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use lb_common::*;
 
 use crate::{
     config::{parse_mac, parse_prefix, Config, VipConfig},
-    dataplane::{addr_raw, port_raw, Dataplane},
+    dataplane::{addr_raw, ip_from_raw, port_raw, Dataplane},
     maglev::{self, MaglevInput},
 };
 
@@ -68,26 +68,15 @@ pub fn vip_key(v: &VipConfig) -> VipKey {
     }
 }
 
-fn ip_of(addr: [u32; 4], family: u8) -> IpAddr {
-    let b = |w: u32| w.to_ne_bytes();
-    if family == FAMILY_V6 {
-        let mut o = [0u8; 16];
-        for i in 0..4 {
-            o[4 * i..4 * i + 4].copy_from_slice(&b(addr[i]));
-        }
-        IpAddr::from(o)
-    } else {
-        IpAddr::from(b(addr[0]))
-    }
-}
-
 /// Read back what an earlier agent left in pinned maps.
 pub fn adopt(dp: &Dataplane) -> Result<Applied> {
     let mut applied = Applied::default();
     for id in 0..dp.sizes.max_backends {
         let be = dp.backends.get(&id, 0)?;
         if be.state != BACKEND_EMPTY && be.state != BACKEND_RETIRED {
-            applied.backends.insert(ip_of(be.addr, be.family), (id, be));
+            applied
+                .backends
+                .insert(ip_from_raw(be.addr, be.family), (id, be));
         }
     }
     for kv in dp.vips.iter() {
