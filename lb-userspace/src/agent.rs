@@ -195,7 +195,7 @@ impl Agent {
                 return Err(e);
             }
         };
-        let mut applied = reconcile::adopt(&dp)?;
+        let mut applied = reconcile::adopt(&mut dp)?;
         let t = Instant::now();
         let changes = reconcile::reconcile(&mut dp, &cfg, &mut applied, mtu)?;
         info!(

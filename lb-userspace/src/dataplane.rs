@@ -99,8 +99,9 @@ pub struct Dataplane {
     pub vip_stats: PerCpuArray<MapData, Counters>,
     pub be_stats: PerCpuArray<MapData, Counters>,
     pub decap_stats: PerCpuArray<MapData, u64>,
-    /// A second handle on `RINGS` for batch updates (aya 0.14 has no batch API).
+    /// Second handles on `RINGS` and `BACKENDS` for batch operations (aya 0.14 has none).
     rings_fd: OwnedFd,
+    backends_fd: OwnedFd,
     /// A private map-of-maps whose update waits for an RCU grace period.
     grace: Option<(OwnedFd, OwnedFd)>,
 }
@@ -186,11 +187,16 @@ impl Dataplane {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from object"))
         }
+        fn array_fd(map: &aya::maps::Map) -> Result<OwnedFd> {
+            match map {
+                aya::maps::Map::Array(d) => Ok(d.fd().as_fd().try_clone_to_owned()?),
+                _ => bail!("not an array map"),
+            }
+        }
         let rings = take(&mut ebpf, "RINGS")?;
-        let rings_fd = match &rings {
-            aya::maps::Map::Array(d) => d.fd().as_fd().try_clone_to_owned()?,
-            _ => bail!("RINGS is not an array"),
-        };
+        let rings_fd = array_fd(&rings)?;
+        let backends = take(&mut ebpf, "BACKENDS")?;
+        let backends_fd = array_fd(&backends)?;
         // A reused (pinned) map keeps its own sizes: report those.
         let sizes = Sizes {
             ring_stride: match &rings {
@@ -208,12 +214,13 @@ impl Dataplane {
         Ok(Dataplane {
             grace: None,
             rings_fd,
+            backends_fd,
             vips: HashMap::try_from(take(&mut ebpf, "VIPS")?)?,
             vip_addrs: HashMap::try_from(take(&mut ebpf, "VIP_ADDRS")?)?,
             vip_filter: Array::try_from(take(&mut ebpf, "VIP_FILTER")?)?,
             vip_info: Array::try_from(take(&mut ebpf, "VIP_INFO")?)?,
             rings: Array::try_from(rings)?,
-            backends: Array::try_from(take(&mut ebpf, "BACKENDS")?)?,
+            backends: Array::try_from(backends)?,
             conns: HashMap::try_from(take(&mut ebpf, "CONNS")?)?,
             config: Array::try_from(take(&mut ebpf, "CONFIG")?)?,
             stats: PerCpuArray::try_from(take(&mut ebpf, "STATS")?)?,
@@ -313,6 +320,11 @@ impl Dataplane {
         let pairs: Vec<[u32; 2]> =
             lookup_batch(&self.rings_fd, base / 2, len.div_ceil(2)).context("reading RINGS")?;
         Ok(pairs.into_iter().flatten().take(len as usize).collect())
+    }
+
+    /// Every `BACKENDS` entry, by id, in one batch.
+    pub fn read_backends(&self) -> Result<Vec<Backend>> {
+        lookup_batch(&self.backends_fd, 0, self.sizes.max_backends).context("reading BACKENDS")
     }
 
     /// Which of a VIP's two ring buffers a `ring_base` names.

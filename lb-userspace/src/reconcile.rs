@@ -12,7 +12,7 @@ use lb_common::*;
 
 use crate::{
     config::{parse_mac, parse_prefix, Config, VipConfig},
-    dataplane::{addr_raw, ip_from_raw, port_raw, Dataplane},
+    dataplane::{addr_raw, ip_from_raw, port_raw, vip_info, Dataplane},
     maglev::{self, MaglevInput},
 };
 
@@ -68,20 +68,24 @@ pub fn vip_key(v: &VipConfig) -> VipKey {
     }
 }
 
-/// Read back what an earlier agent left in pinned maps.
-pub fn adopt(dp: &Dataplane) -> Result<Applied> {
+/// Read back what an earlier agent left in pinned maps, and repair what an older build may
+/// have left without: `VIP_INFO` mirrors `VIPS`, `VIP_FILTER` covers every VIP address.
+/// (From then on `Dataplane::set_vip` and `remove_vip` keep both right.)
+pub fn adopt(dp: &mut Dataplane) -> Result<Applied> {
     let mut applied = Applied::default();
-    for id in 0..dp.sizes.max_backends {
-        let be = dp.backends.get(&id, 0)?;
+    for (id, be) in dp.read_backends()?.into_iter().enumerate() {
         if be.state != BACKEND_EMPTY && be.state != BACKEND_RETIRED {
             applied
                 .backends
-                .insert(ip_from_raw(be.addr, be.family), (id, be));
+                .insert(ip_from_raw(be.addr, be.family), (id as u32, be));
         }
     }
-    for kv in dp.vips.iter() {
-        let (key, meta) = kv?;
+    let vips: Vec<(VipKey, VipMeta)> = dp.vips.iter().collect::<Result<_, _>>()?;
+    let mut filter = dp.vip_filter.get(&0, 0)?;
+    for (key, meta) in vips {
         let ring = dp.read_ring(meta.ring_base, meta.ring_size)?;
+        dp.set_vip_info(meta.id, &vip_info(&key, &meta))?;
+        filter |= 1u64 << vip_filter_bit(&key.addr);
         applied.vips.insert(
             key,
             AppliedVip {
@@ -90,6 +94,9 @@ pub fn adopt(dp: &Dataplane) -> Result<Applied> {
                 input: None,
             },
         );
+    }
+    if dp.vip_filter.get(&0, 0)? != filter {
+        dp.vip_filter.set(0, filter, 0)?;
     }
     Ok(applied)
 }
@@ -160,10 +167,18 @@ pub fn build_ring(
         .collect())
 }
 
-/// The lowest id neither in use nor in quarantine; failing that, the longest-retired one.
-/// `from` is a cursor kept across the calls of one reconcile: every id below it is taken,
-/// so 10,000 new backends cost 10,000 probes, not 50 million.
-fn free_id(
+/// The next id from `from` on that `taken` does not claim. `from` is a cursor kept across
+/// the calls of one reconcile (every id below it is taken), so 10,000 new backends cost
+/// 10,000 probes, not 50 million.
+fn next_free(from: &mut u32, max: u32, taken: impl Fn(u32) -> bool) -> Option<u32> {
+    let id = (*from..max).find(|&i| !taken(i))?;
+    *from = id + 1;
+    Some(id)
+}
+
+/// A backend id: the lowest neither in use nor in quarantine; failing that, the
+/// longest-retired one.
+fn free_backend_id(
     used: &BTreeSet<u32>,
     retired: &mut BTreeMap<u32, std::time::Instant>,
     max: u32,
@@ -171,23 +186,15 @@ fn free_id(
 ) -> Result<u32> {
     let now = std::time::Instant::now();
     retired.retain(|_, t| now.duration_since(*t) < ID_QUARANTINE);
-    if let Some(id) = (*from..max).find(|i| !used.contains(i) && !retired.contains_key(i)) {
-        *from = id + 1;
+    if let Some(id) = next_free(from, max, |i| used.contains(&i) || retired.contains_key(&i)) {
         return Ok(id);
     }
     let (&id, _) = retired
         .iter()
         .min_by_key(|(_, t)| **t)
-        .ok_or_else(|| anyhow!("no free id below {max}"))?;
+        .ok_or_else(|| anyhow!("no free backend id below {max}"))?;
     retired.remove(&id);
     Ok(id)
-}
-
-fn lowest_free(used: &BTreeSet<u32>, max: u32, from: &mut u32) -> Result<u32> {
-    (*from..max)
-        .find(|i| !used.contains(i))
-        .inspect(|id| *from = id + 1)
-        .ok_or_else(|| anyhow!("no free id below {max}"))
 }
 
 /// Make the maps say what `cfg` says. `cfg` must be validated.
@@ -201,20 +208,6 @@ pub fn reconcile(
     let dcfg = dataplane_config(cfg, mtu)?;
     if dp.config.get(&0, 0)? != dcfg {
         dp.set_config(&dcfg)?;
-    }
-
-    // VIP_FILTER first covers every VIP old and new (and is rebuilt from scratch, so a map
-    // adopted from an older agent, or left empty, is repaired), then only the new ones.
-    let desired_filter = cfg
-        .vips
-        .iter()
-        .fold(0u64, |f, v| f | 1u64 << vip_filter_bit(&vip_key(v).addr));
-    let old_filter = applied
-        .vips
-        .keys()
-        .fold(0u64, |f, k| f | 1u64 << vip_filter_bit(&k.addr));
-    if dp.vip_filter.get(&0, 0)? != desired_filter | old_filter {
-        dp.vip_filter.set(0, desired_filter | old_filter, 0)?;
     }
 
     // Backends: one id per address across all VIPs.
@@ -244,7 +237,7 @@ pub fn reconcile(
                 applied.backends.insert(*addr, (id, *be));
             }
             None => {
-                let id = free_id(
+                let id = free_backend_id(
                     &used,
                     &mut applied.retired,
                     dp.sizes.max_backends,
@@ -290,7 +283,8 @@ pub fn reconcile(
                 (a.meta.id, 1 - cur, false)
             }
             None => {
-                let id = lowest_free(&vip_ids, dp.sizes.max_vips, &mut vip_cursor)?;
+                let id = next_free(&mut vip_cursor, dp.sizes.max_vips, |i| vip_ids.contains(&i))
+                    .ok_or_else(|| anyhow!("no free VIP id below {}", dp.sizes.max_vips))?;
                 vip_ids.insert(id);
                 (id, 0, true)
             }
@@ -334,13 +328,6 @@ pub fn reconcile(
         ch.vips_removed += 1;
     }
 
-    if dp.vip_filter.get(&0, 0)? != desired_filter {
-        dp.vip_filter.set(0, desired_filter, 0)?;
-    }
-    // VIP_INFO mirrors VIPS; rewritten where it does not (e.g. maps of an older agent).
-    for (key, a) in &applied.vips {
-        dp.set_vip_info(a.meta.id, &crate::dataplane::vip_info(key, &a.meta))?;
-    }
     // After any flip, wait until no packet can still be reading an old ring: only then may
     // the next reconcile rewrite that buffer, or the backends only it named be retired.
     if ch.rings_rebuilt > 0 || ch.vips_removed > 0 {
