@@ -8,7 +8,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::maglev::{is_prime, next_prime};
@@ -92,7 +92,7 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -117,7 +117,7 @@ impl fmt::Display for Protocol {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Forwarding {
     #[default]
@@ -471,14 +471,6 @@ impl Config {
             );
         }
         Ok(())
-    }
-}
-
-/// Reject anything but a structurally valid config with the exact error text.
-pub fn check(cfg: &Config) -> Result<()> {
-    match cfg.validate() {
-        Ok(()) => Ok(()),
-        Err(e) => bail!("{e}"),
     }
 }
 

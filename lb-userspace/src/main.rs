@@ -58,9 +58,9 @@ enum VipCmd {
         name: String,
         address: IpAddr,
         port: u16,
-        #[arg(value_parser = parse_protocol)]
+        #[arg(value_enum)]
         protocol: Protocol,
-        #[arg(long, default_value = "ipip", value_parser = parse_forwarding)]
+        #[arg(long, value_enum, default_value_t = Forwarding::Ipip)]
         forwarding: Forwarding,
         /// Send every flow of a client to one backend.
         #[arg(long)]
@@ -106,23 +106,6 @@ enum BackendCmd {
         vip: String,
         address: IpAddr,
     },
-}
-
-fn parse_protocol(s: &str) -> Result<Protocol, String> {
-    match s {
-        "tcp" => Ok(Protocol::Tcp),
-        "udp" => Ok(Protocol::Udp),
-        _ => Err("expected tcp or udp".into()),
-    }
-}
-
-fn parse_forwarding(s: &str) -> Result<Forwarding, String> {
-    match s {
-        "ipip" => Ok(Forwarding::Ipip),
-        "gue" => Ok(Forwarding::Gue),
-        "l2dsr" => Ok(Forwarding::L2dsr),
-        _ => Err("expected ipip, gue or l2dsr".into()),
-    }
 }
 
 fn enter_netns(name: &str) -> Result<()> {
