@@ -7,13 +7,14 @@
 use std::{
     fs,
     os::fd::{AsFd, AsRawFd},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 use lb_common::{VipKey, VipMeta, DEFAULT_RING_SIZE, RINGS_PER_VIP};
+use lb_tests::netns::{find_lb_bin, veth_pair, Agent, Netns, TempDir, VethEnd};
 use lb_userspace::{
     config::Config,
     dataplane::{addr_raw, port_raw, Dataplane, Sizes, MAP_NAMES},
@@ -287,116 +288,6 @@ fn ring_installs() -> Result<()> {
 // 3. The real agent: startup and RSS
 // ---------------------------------------------------------------------------------------
 
-fn run_quiet(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// Everything part 3 creates; dropping it undoes it all, in order, errors or not.
-struct AgentEnv {
-    lb: PathBuf,
-    instance: String,
-    netns: String,
-    veth: (String, String),
-    dir: PathBuf,
-    netns_made: bool,
-    child: Option<Child>,
-}
-
-impl AgentEnv {
-    fn new(lb: PathBuf) -> Result<AgentEnv> {
-        let pid = std::process::id();
-        let mut env = AgentEnv {
-            lb,
-            instance: format!("lbbench-ctl-{pid}"),
-            netns: format!("lbbench-ctl-{pid}"),
-            veth: (format!("lbc{pid}a"), format!("lbc{pid}b")),
-            dir: std::env::temp_dir().join(format!("lbbench-ctl-{pid}")),
-            netns_made: false,
-            child: None,
-        };
-        fs::create_dir_all(&env.dir)?;
-        run_quiet(Command::new("ip").args(["netns", "add", &env.netns]))?;
-        env.netns_made = true;
-        run_quiet(Command::new("ip").args([
-            "-n",
-            &env.netns,
-            "link",
-            "add",
-            &env.veth.0,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &env.veth.1,
-        ]))?;
-        for (dev, addr) in [
-            (&env.veth.0, "198.18.254.1/30"),
-            (&env.veth.1, "198.18.254.2/30"),
-        ] {
-            run_quiet(
-                Command::new("ip").args(["-n", &env.netns, "addr", "add", addr, "dev", dev]),
-            )?;
-            run_quiet(Command::new("ip").args(["-n", &env.netns, "link", "set", dev, "up"]))?;
-        }
-        Ok(env)
-    }
-
-    fn socket(&self) -> PathBuf {
-        PathBuf::from(format!("/run/lb/{}.sock", self.instance))
-    }
-
-    fn pin_dir(&self) -> PathBuf {
-        PathBuf::from(format!("/sys/fs/bpf/{}", self.instance))
-    }
-
-    fn stop_agent(&self) -> Result<()> {
-        run_quiet(Command::new(&self.lb).args([
-            "agent",
-            "--stop",
-            "--instance",
-            &self.instance,
-            "--netns",
-            &self.netns,
-        ]))
-    }
-}
-
-impl Drop for AgentEnv {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(3) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if self.netns_made {
-            if let Err(e) = self.stop_agent() {
-                eprintln!("cleanup: {e:#}");
-            }
-            if let Err(e) = run_quiet(Command::new("ip").args(["netns", "del", &self.netns])) {
-                eprintln!("cleanup: {e:#}");
-            }
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn proc_status_kb(pid: u32, field: &str) -> Result<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/status"))?;
     s.lines()
@@ -422,75 +313,49 @@ fn ready_ms(log: &str) -> Option<u64> {
     clean[at + 4..].split_whitespace().next()?.parse().ok()
 }
 
-fn lb_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let lb = exe.with_file_name("lb");
-    if !lb.exists() {
-        bail!(
-            "{} not found: build it first (`cargo build --release --workspace`; \
-             `cargo xtask bench` does)",
-            lb.display()
-        );
-    }
-    Ok(lb)
-}
-
 fn agent_bench() -> Result<()> {
     const NVIPS: usize = 100;
     const NBACKENDS: usize = 100;
-    let mut env = AgentEnv::new(lb_binary()?)?;
-    let cfg_path = env.dir.join("lb.toml");
-    let text = config_toml(&env.veth.0, NVIPS, NBACKENDS);
+    // The tests' guards: dropped in reverse order, the agent (killed, `lb agent --stop`)
+    // goes before its namespace, errors or not.
+    let ns = Netns::new("lbbench-ctl")?;
+    veth_pair(
+        &VethEnd {
+            ns: &ns,
+            name: "lbc0",
+            mac: [2, 0, 0, 0, 0xfe, 1],
+            addrs: &["198.18.254.1/30"],
+        },
+        &VethEnd {
+            ns: &ns,
+            name: "lbc1",
+            mac: [2, 0, 0, 0, 0xfe, 2],
+            addrs: &["198.18.254.2/30"],
+        },
+    )?;
+    let dir = TempDir::new("lbbench-ctl")?;
+    let cfg_path = dir.join("lb.toml");
+    let text = config_toml("lbc0", NVIPS, NBACKENDS);
     let cfg = Config::parse(&text)?;
     fs::write(&cfg_path, &text)?;
-    if env.pin_dir().exists() {
-        env.stop_agent()?;
-    }
-    let _ = fs::remove_file(env.socket());
-    let log_path = env.dir.join("agent.log");
     let t0 = Instant::now();
-    let child = Command::new(&env.lb)
-        .args(["agent", "--config"])
-        .arg(&cfg_path)
-        .args(["--instance", &env.instance, "--netns", &env.netns])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log_path)?)
-        .spawn()
-        .context("starting lb agent")?;
-    let pid = child.id();
-    env.child = Some(child);
-    loop {
-        if env.socket().exists() {
-            break;
-        }
-        if let Some(st) = env.child.as_mut().unwrap().try_wait()? {
-            bail!(
-                "lb agent exited ({st}) before listening:\n{}",
-                fs::read_to_string(&log_path).unwrap_or_default()
-            );
-        }
-        if t0.elapsed() > Duration::from_secs(120) {
-            bail!("lb agent did not listen within 120 s");
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    }
+    let agent = Agent::start(&ns, &cfg_path)?;
+    let pid = agent.pid();
     let startup = t0.elapsed();
     std::thread::sleep(Duration::from_secs(1));
     let rss = proc_status_kb(pid, "VmRSS")?;
     let hwm = proc_status_kb(pid, "VmHWM")?;
-    let log = fs::read_to_string(&log_path).unwrap_or_default();
+    let log = agent.log();
 
     println!(
         "\n3. Agent ({}): {NVIPS} VIPs x {NBACKENDS} backends, ring_size {M}, in netns {}",
-        env.lb.display(),
-        env.netns
+        find_lb_bin()?.display(),
+        ns.name()
     );
     println!("{:<52} {:>12}", "measure", "value");
     println!(
         "{:<52} {:>9.1} ms",
-        "startup: spawn to control socket listening",
+        "startup: spawn to answering `lb status`",
         startup.as_secs_f64() * 1e3
     );
     match ready_ms(&log) {
@@ -511,8 +376,7 @@ fn agent_bench() -> Result<()> {
         hwm as f64 / 1e3 * 1.024
     );
 
-    map_memory(&env.pin_dir(), &cfg)?;
-    drop(env);
+    map_memory(&agent.pin_dir(), &cfg)?;
     Ok(())
 }
 
