@@ -295,20 +295,14 @@ impl Agent {
                 address,
                 weight,
             } => {
-                let v = cfg.vip_mut(vip).ok_or_else(|| no_vip(vip))?;
-                let b = v.backends.iter_mut().find(|b| &b.address == address);
-                b.ok_or_else(|| anyhow!("vip[{vip}].backends: no backend {address}"))?
-                    .weight = *weight;
+                cfg.backend_mut(vip, address)?.weight = *weight;
             }
             Request::BackendDrain {
                 vip,
                 address,
                 drain,
             } => {
-                let v = cfg.vip_mut(vip).ok_or_else(|| no_vip(vip))?;
-                let b = v.backends.iter_mut().find(|b| &b.address == address);
-                b.ok_or_else(|| anyhow!("vip[{vip}].backends: no backend {address}"))?
-                    .drain = *drain;
+                cfg.backend_mut(vip, address)?.drain = *drain;
             }
             _ => unreachable!("not a mutation"),
         }

@@ -280,6 +280,17 @@ impl Config {
         self.vips.iter_mut().find(|v| v.name == name)
     }
 
+    /// Backend `address` of VIP `vip`, or an error naming what is missing.
+    pub fn backend_mut(&mut self, vip: &str, address: &IpAddr) -> Result<&mut BackendConfig> {
+        let v = self
+            .vip_mut(vip)
+            .ok_or_else(|| anyhow::anyhow!("vip[{vip}]: no such VIP"))?;
+        v.backends
+            .iter_mut()
+            .find(|b| &b.address == address)
+            .ok_or_else(|| anyhow::anyhow!("vip[{vip}].backends: no backend {address}"))
+    }
+
     /// Every rule a running agent relies on. The error names the first offending field.
     pub fn validate(&self) -> Result<(), FieldError> {
         let a = &self.agent;
