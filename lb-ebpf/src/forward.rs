@@ -1,17 +1,10 @@
 //! Getting a packet to its backend: MAC rewrite (`L2Dsr`), IP-in-IP or GUE encapsulation,
-//! or, when the encapsulated packet would not fit the MTU, an ICMP "too big" to the client.
-use aya_ebpf::{
-    bindings::xdp_action::*,
-    helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    programs::XdpContext,
-};
+//! or, when the encapsulated packet would not fit the MTU, an ICMP "too big" to the client
+//! (built in `icmp`).
+use aya_ebpf::{bindings::xdp_action::*, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::*;
 
-use crate::{
-    csum::{fold, replace},
-    lb::Verdict,
-    pkt::*,
-};
+use crate::{csum::fold, icmp::too_big, parse::Verdict, pkt::*};
 
 /// What the parser learnt about the frame, enough to rebuild its headers.
 pub struct Frame {
@@ -38,7 +31,11 @@ pub fn forward(
     cfg: &Config,
     icmp: bool,
 ) -> Verdict {
-    let ok = if icmp { Reason::TxIcmpForward } else { Reason::TxForward };
+    let ok = if icmp {
+        Reason::TxIcmpForward
+    } else {
+        Reason::TxForward
+    };
     let mut mac = Mac::from_bytes(&be.mac);
     if mac.is_zero() {
         mac = Mac::from_bytes(&cfg.gw_mac);
@@ -99,12 +96,23 @@ pub fn forward(
         };
         let fl = entropy & 0xf_ffff;
         let pl = (frame.ip_len + overhead - 40) as u16;
-        st32(ip, w(0x60 | (frame.tos >> 4), (frame.tos << 4) | (fl >> 16) as u8, (fl >> 8) as u8, fl as u8));
+        st32(
+            ip,
+            w(
+                0x60 | (frame.tos >> 4),
+                (frame.tos << 4) | (fl >> 16) as u8,
+                (fl >> 8) as u8,
+                fl as u8,
+            ),
+        );
         st32(ip + 4, w((pl >> 8) as u8, pl as u8, inner_proto, OUTER_TTL));
         st32(ip + 8, cfg.src6[0]);
         st32(ip + 12, cfg.src6[1]);
         st32(ip + 16, cfg.src6[2]);
-        st32(ip + 20, (cfg.src6[3] & !cfg.src6_mask) | (entropy & cfg.src6_mask));
+        st32(
+            ip + 20,
+            (cfg.src6[3] & !cfg.src6_mask) | (entropy & cfg.src6_mask),
+        );
         st32(ip + 24, be.addr[0]);
         st32(ip + 28, be.addr[1]);
         st32(ip + 32, be.addr[2]);
@@ -131,135 +139,16 @@ pub fn forward(
         };
         let sport = 0xc000 | (entropy & 0x3fff) as u16;
         let ulen = (frame.ip_len + 8) as u16;
-        st32(udp, w((sport >> 8) as u8, sport as u8, (GUE_PORT >> 8) as u8, GUE_PORT as u8));
+        st32(
+            udp,
+            w(
+                (sport >> 8) as u8,
+                sport as u8,
+                (GUE_PORT >> 8) as u8,
+                GUE_PORT as u8,
+            ),
+        );
         st32(udp + 4, w((ulen >> 8) as u8, ulen as u8, 0, 0));
     }
     (XDP_TX, ok)
-}
-
-/// Turn the frame into an ICMP fragmentation-needed (IPv4) or packet-too-big (IPv6) reply
-/// quoting the start of the original packet, and send it back where it came from.
-#[inline(always)]
-fn too_big(ctx: &XdpContext, frame: &Frame, mtu: u32) -> Verdict {
-    let v6 = frame.family == FAMILY_V6;
-    let (hdr, quote) = if v6 { (48usize, ICMP6_QUOTE as usize) } else { (28usize, ICMP4_QUOTE as usize) };
-    let l3 = frame.l3;
-    let Some(old) = check(ctx, 0, l3 + quote) else {
-        return (XDP_DROP, Reason::DropTooBig);
-    };
-    let (old_dst, old_src) = (Mac::load(old), Mac::load(old + 6));
-    let ip = old + l3;
-    let (mut src, mut dst) = ([0u32; 4], [0u32; 4]);
-    if v6 {
-        (src, dst) = (ld_addr6(ip + 8), ld_addr6(ip + 24));
-    } else {
-        src[0] = ld32(ip + 12);
-        dst[0] = ld32(ip + 16);
-    }
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(hdr as i32)) } != 0 {
-        return (XDP_DROP, Reason::DropHelper);
-    }
-    let want = (l3 + hdr + quote) as i32;
-    let have = (ctx.data_end() - ctx.data()) as i32;
-    if have > want && unsafe { bpf_xdp_adjust_tail(ctx.ctx, want - have) } != 0 {
-        return (XDP_DROP, Reason::DropHelper);
-    }
-    let Some(p) = check(ctx, 0, l3 + hdr + quote) else {
-        return (XDP_DROP, Reason::DropHelper);
-    };
-    // Ethernet (and VLAN tag) sit `hdr` bytes further in now: move, swapping the MACs.
-    old_src.store(p);
-    old_dst.store(p + 6);
-    st16(p + 12, ld16(p + hdr + 12));
-    if l3 == 18 {
-        st32(p + 14, ld32(p + hdr + 14));
-    }
-    let ip = p + l3;
-    let icmp = ip + hdr - 8;
-    let sum;
-    if v6 {
-        let pl = (8 + quote) as u16;
-        st32(ip, w(0x60, 0, 0, 0));
-        st32(ip + 4, w((pl >> 8) as u8, pl as u8, PROTO_ICMPV6, OUTER_TTL));
-        let mut i = 0;
-        while i < 4 {
-            st32(ip + 8 + 4 * i, dst[i]);
-            st32(ip + 24 + 4 * i, src[i]);
-            i += 1;
-        }
-        st32(icmp, w(2, 0, 0, 0));
-        st32(icmp + 4, mtu.to_be());
-        // Pseudo-header: addresses, upper-layer length, next header.
-        let mut s = (pl as u32).to_be() as u64 + (PROTO_ICMPV6 as u32).to_be() as u64;
-        let mut i = 0;
-        while i < 4 {
-            s += src[i] as u64 + dst[i] as u64;
-            i += 1;
-        }
-        sum = s;
-    } else {
-        let w0 = w(0x45, 0, 0, (20 + 8 + quote) as u8);
-        let w2 = w(OUTER_TTL, PROTO_ICMP, 0, 0);
-        let c = fold(w0 as u64 + w2 as u64 + src[0] as u64 + dst[0] as u64).to_ne_bytes();
-        st32(ip, w0);
-        st32(ip + 4, 0);
-        st32(ip + 8, w(OUTER_TTL, PROTO_ICMP, c[0], c[1]));
-        st32(ip + 12, dst[0]);
-        st32(ip + 16, src[0]);
-        st32(icmp, w(3, 4, 0, 0));
-        st32(icmp + 4, w(0, 0, (mtu >> 8) as u8, mtu as u8));
-        sum = 0;
-    }
-    let body = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, icmp as *mut u32, (8 + quote) as u32, 0) };
-    if body < 0 {
-        return (XDP_DROP, Reason::DropHelper);
-    }
-    st16(icmp + 2, fold(sum + (body as u64 & 0xffff_ffff)));
-    (XDP_TX, Reason::TxIcmpTooBig)
-}
-
-/// Answer an echo request to a VIP address in place (docs/dataplane.md, "Echo reply").
-#[inline(always)]
-pub fn echo_reply(ctx: &XdpContext, frame: &Frame, l4: usize) -> Verdict {
-    // Verifier: LLVM dropped a plain 14-byte check here as implied by the caller's check
-    // of the ICMP header (another pointer to the verifier): every check is `check_fresh`.
-    let Some(eth) = check_fresh(ctx, 0, 14) else {
-        return (XDP_DROP, Reason::DropTruncated);
-    };
-    let (dst, src) = (Mac::load(eth), Mac::load(eth + 6));
-    src.store(eth);
-    dst.store(eth + 6);
-    let v6 = frame.family == FAMILY_V6;
-    if v6 {
-        let Some(ip) = check_fresh(ctx, frame.l3, 40) else {
-            return (XDP_DROP, Reason::DropTruncated);
-        };
-        let mut i = 0;
-        while i < 16 {
-            let (a, b) = (ld32(ip + 8 + i), ld32(ip + 24 + i));
-            st32(ip + 8 + i, b);
-            st32(ip + 24 + i, a);
-            i += 4;
-        }
-        // The hop limit is not in the ICMPv6 pseudo-header: no checksum change.
-        st16(ip + 6, u16::from_ne_bytes([ld8(ip + 6), OUTER_TTL]));
-    } else {
-        let Some(ip) = check_fresh(ctx, frame.l3, 20) else {
-            return (XDP_DROP, Reason::DropTruncated);
-        };
-        let (a, b) = (ld32(ip + 12), ld32(ip + 16));
-        st32(ip + 12, b);
-        st32(ip + 16, a);
-        let (old, new) = (ld16(ip + 8), u16::from_ne_bytes([OUTER_TTL, ld8(ip + 9)]));
-        st16(ip + 8, new);
-        st16(ip + 10, replace(ld16(ip + 10), old, new));
-    }
-    let Some(icmp) = check_fresh(ctx, l4, 4) else {
-        return (XDP_DROP, Reason::DropTruncated);
-    };
-    let old = ld16(icmp);
-    let new = u16::from_ne_bytes([if v6 { 129 } else { 0 }, ld8(icmp + 1)]);
-    st16(icmp, new);
-    st16(icmp + 2, replace(ld16(icmp + 2), old, new));
-    (XDP_TX, Reason::TxIcmpEcho)
 }

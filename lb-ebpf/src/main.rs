@@ -6,15 +6,17 @@
 mod csum;
 mod decap;
 mod forward;
-mod lb;
+mod icmp;
 mod maps;
+mod parse;
 mod pkt;
+mod select;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
 #[xdp]
 pub fn lb(ctx: XdpContext) -> u32 {
-    let (action, reason) = lb::lb(&ctx);
+    let (action, reason) = parse::lb(&ctx);
     maps::bump_reason(&maps::STATS, reason as u32);
     action
 }

@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, Backend, Config, ConnVal, Counters, FlowKey, VipInfo, VipKey, VipMeta, DEFAULT_RING_SIZE,
-    MAX_BACKENDS, MAX_CONNS, MAX_VIPS, NUM_DECAP_REASONS, NUM_REASONS, RINGS_PER_VIP,
+    AddrKey, Backend, Config, ConnVal, Counters, FlowKey, VipInfo, VipKey, VipMeta,
+    DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_CONNS, MAX_VIPS, NUM_DECAP_REASONS, NUM_REASONS,
+    RINGS_PER_VIP,
 };
 
 /// (address, port, protocol) → VIP.

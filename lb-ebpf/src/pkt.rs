@@ -67,7 +67,10 @@ pub struct Mac {
 impl Mac {
     #[inline(always)]
     pub fn load(p: usize) -> Self {
-        Mac { hi: ld32(p), lo: ld16(p + 4) }
+        Mac {
+            hi: ld32(p),
+            lo: ld16(p + 4),
+        }
     }
     #[inline(always)]
     pub fn from_bytes(b: &[u8; 6]) -> Self {

@@ -1,7 +1,7 @@
 //! `lb`: the load balancer's agent (`lb agent`) and the CLI that manages it.
 use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
     agent,
@@ -108,19 +108,6 @@ enum BackendCmd {
     },
 }
 
-fn enter_netns(name: &str) -> Result<()> {
-    let path = format!("/run/netns/{name}");
-    let f = std::fs::File::open(&path).with_context(|| format!("--netns: opening {path}"))?;
-    use std::os::fd::AsRawFd;
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!(
-            "--netns: setns({path}): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
-}
-
 fn table(rows: &[Value], cols: &[&str]) {
     let cell = |v: &Value| match v {
         Value::String(s) => s.clone(),
@@ -225,7 +212,7 @@ fn real_main() -> Result<()> {
                 .init();
             agent::require_root()?;
             if let Some(ns) = netns {
-                enter_netns(&ns)?;
+                agent::enter_netns(&ns)?;
             }
             if stop {
                 return agent::stop(&cli.instance);

@@ -1,4 +1,5 @@
-//! Loading the XDP object and writing its maps. One home for every map handle, so the
+//! Loading the XDP object and writing its maps ([`sys`]: the few raw `bpf(2)` calls aya 0.14
+//! lacks). One home for every map handle, so the
 //! agent, the tests and the benchmarks all drive the data plane the same way.
 use std::{
     net::IpAddr,
@@ -14,6 +15,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::*;
+
+pub mod sys;
 
 /// The compiled `lb-ebpf` object (built by `build.rs`).
 pub static OBJECT: &[u8] = include_bytes_aligned!(env!("LB_EBPF_OBJ"));
@@ -275,7 +278,7 @@ impl Dataplane {
             .map(|c| [c[0], *c.get(1).unwrap_or(&0)])
             .collect();
         let keys: Vec<u32> = (base / 2..base / 2 + pairs.len() as u32).collect();
-        update_batch(&self.rings_fd, &keys, &pairs).context("writing RINGS")?;
+        sys::update_batch(&self.rings_fd, &keys, &pairs).context("writing RINGS")?;
         Ok(base)
     }
 
@@ -285,30 +288,13 @@ impl Dataplane {
     /// for one after every update of a map-of-maps; we keep a private one for that.
     pub fn wait_for_programs(&mut self) -> Result<()> {
         if self.grace.is_none() {
-            let inner = map_create(2 /* ARRAY */, 4, 4, 1, None)?;
-            let outer = map_create(12 /* ARRAY_OF_MAPS */, 4, 4, 1, Some(&inner))?;
+            let inner = sys::map_create(sys::BPF_MAP_TYPE_ARRAY, 4, 4, 1, None)?;
+            let outer = sys::map_create(sys::BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 1, Some(&inner))?;
             self.grace = Some((outer, inner));
         }
         let (outer, inner) = self.grace.as_ref().unwrap();
-        let key = 0u32;
-        let value = inner.as_raw_fd() as u32;
-        #[repr(C)]
-        struct ElemAttr {
-            map_fd: u32,
-            _pad: u32,
-            key: u64,
-            value: u64,
-            flags: u64,
-        }
-        let mut attr = ElemAttr {
-            map_fd: outer.as_raw_fd() as u32,
-            _pad: 0,
-            key: &key as *const u32 as u64,
-            value: &value as *const u32 as u64,
-            flags: 0,
-        };
-        const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-        sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("waiting for an RCU grace period")?;
+        sys::update_elem(outer, &0u32, &(inner.as_raw_fd() as u32))
+            .context("waiting for an RCU grace period")?;
         Ok(())
     }
 
@@ -317,14 +303,14 @@ impl Dataplane {
         if !base.is_multiple_of(2) {
             bail!("ring base {base} is not even");
         }
-        let pairs: Vec<[u32; 2]> =
-            lookup_batch(&self.rings_fd, base / 2, len.div_ceil(2)).context("reading RINGS")?;
+        let pairs: Vec<[u32; 2]> = sys::lookup_batch(&self.rings_fd, base / 2, len.div_ceil(2))
+            .context("reading RINGS")?;
         Ok(pairs.into_iter().flatten().take(len as usize).collect())
     }
 
     /// Every `BACKENDS` entry, by id, in one batch.
     pub fn read_backends(&self) -> Result<Vec<Backend>> {
-        lookup_batch(&self.backends_fd, 0, self.sizes.max_backends).context("reading BACKENDS")
+        sys::lookup_batch(&self.backends_fd, 0, self.sizes.max_backends).context("reading BACKENDS")
     }
 
     /// Which of a VIP's two ring buffers a `ring_base` names.
@@ -449,145 +435,9 @@ fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
     })
 }
 
-fn map_create(
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    inner: Option<&OwnedFd>,
-) -> Result<OwnedFd> {
-    #[repr(C)]
-    #[derive(Default)]
-    struct CreateAttr {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-        inner_map_fd: u32,
-    }
-    let mut attr = CreateAttr {
-        map_type,
-        key_size,
-        value_size,
-        max_entries,
-        inner_map_fd: inner.map(|f| f.as_raw_fd() as u32).unwrap_or(0),
-        ..Default::default()
-    };
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    let fd = sys_bpf(BPF_MAP_CREATE, &mut attr).context("creating a map")?;
-    use std::os::fd::FromRawFd;
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// `bpf(2)` with the attribute struct `attr`: its non-negative result, or the error.
-fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<i64> {
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut A,
-            std::mem::size_of::<A>() as u32,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(r)
-}
-
-/// `BPF_MAP_LOOKUP_BATCH` of array elements `base..base+len`.
-fn lookup_batch<V: Copy + Default>(map: &OwnedFd, base: u32, len: u32) -> Result<Vec<V>> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    let mut values = vec![V::default(); len as usize];
-    let mut keys = vec![0u32; len as usize];
-    let mut done = 0usize;
-    // The batch cursor resumes after the key in `in_batch`.
-    let mut cursor = base.wrapping_sub(1);
-    while done < len as usize {
-        let mut out = 0u32;
-        let mut attr = BatchAttr {
-            in_batch: if done == 0 && base == 0 {
-                0
-            } else {
-                &cursor as *const u32 as u64
-            },
-            out_batch: &mut out as *mut u32 as u64,
-            keys: keys[done..].as_mut_ptr() as u64,
-            values: values[done..].as_mut_ptr() as u64,
-            count: (len as usize - done) as u32,
-            map_fd: map.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        let r = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        if attr.count == 0 {
-            r?;
-            bail!("the map ended before element {}", base as usize + done);
-        }
-        done += attr.count as usize;
-        cursor = out;
-    }
-    Ok(values)
-}
-
-/// `BPF_MAP_UPDATE_BATCH` of `u32` keys and `V` values (kernel 5.6+, arrays and hashes).
-fn update_batch<V>(map: &OwnedFd, keys: &[u32], values: &[V]) -> Result<()> {
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    assert_eq!(keys.len(), values.len());
-    let mut done = 0;
-    while done < keys.len() {
-        let mut attr = BatchAttr {
-            keys: keys[done..].as_ptr() as u64,
-            values: values[done..].as_ptr() as u64,
-            count: (keys.len() - done) as u32,
-            map_fd: map.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        let r = sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
-        // On success or partial progress the kernel reports how many it wrote.
-        if attr.count == 0 {
-            r?;
-        }
-        done += attr.count as usize;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Pin `fd` at `path` (BPF_OBJ_PIN).
-    fn pin(fd: &OwnedFd, path: &Path) {
-        use std::os::unix::ffi::OsStrExt;
-        #[repr(C)]
-        struct PinAttr {
-            pathname: u64,
-            bpf_fd: u32,
-            file_flags: u32,
-        }
-        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-        let mut attr = PinAttr {
-            pathname: c.as_ptr() as u64,
-            bpf_fd: fd.as_raw_fd() as u32,
-            file_flags: 0,
-        };
-        const BPF_OBJ_PIN: libc::c_long = 6;
-        sys_bpf(BPF_OBJ_PIN, &mut attr).expect("BPF_OBJ_PIN");
-    }
 
     #[test]
     fn a_pinned_map_of_another_layout_is_refused_not_adopted() {
@@ -596,8 +446,8 @@ mod tests {
             std::path::PathBuf::from(format!("/sys/fs/bpf/lbtest-layout-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         // A connection table from a build whose values were 16 bytes.
-        let old = map_create(1 /* HASH */, 40, 16, 1024, None).unwrap();
-        pin(&old, &dir.join("CONNS"));
+        let old = aya::maps::HashMap::<MapData, [u8; 40], [u8; 16]>::create(1024, 0).unwrap();
+        old.pin(dir.join("CONNS")).unwrap();
         let sizes = Sizes {
             max_vips: 4,
             max_backends: 16,

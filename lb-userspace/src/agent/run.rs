@@ -1,0 +1,86 @@
+//! The agent's event loop: the control socket, signals (SIGTERM/SIGINT exit leaving the
+//! data plane attached, SIGHUP reloads) and requests, one at a time.
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixListener,
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, oneshot},
+};
+use tracing::info;
+
+use super::Agent;
+use crate::api::{self, Request, Response};
+
+type Job = (Request, oneshot::Sender<Response>);
+
+/// Run the agent in the foreground until SIGTERM/SIGINT or a `Shutdown` request.
+pub fn run(config: &Path, instance: &str) -> Result<()> {
+    let mut agent = Agent::start(config, instance)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let sock = api::socket_path(instance);
+        std::fs::create_dir_all(sock.parent().unwrap())?;
+        let _ = std::fs::remove_file(&sock);
+        // Only root may talk to the agent: the socket is created 0600.
+        let old = unsafe { libc::umask(0o177) };
+        let listener = UnixListener::bind(&sock);
+        unsafe { libc::umask(old) };
+        let listener = listener.with_context(|| format!("binding {}", sock.display()))?;
+        let (tx, mut rx) = mpsc::channel::<Job>(16);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let resp = match serde_json::from_str::<Request>(&line) {
+                            Ok(req) => {
+                                let (otx, orx) = oneshot::channel();
+                                if tx.send((req, otx)).await.is_err() {
+                                    break;
+                                }
+                                orx.await
+                                    .unwrap_or_else(|_| Response::err("agent is shutting down"))
+                            }
+                            Err(e) => Response::err(format!("bad request: {e}")),
+                        };
+                        let mut out = serde_json::to_string(&resp).unwrap();
+                        out.push('\n');
+                        if w.write_all(out.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        info!(socket = %sock.display(), "listening");
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: exiting, data plane stays attached"); break; }
+                _ = int.recv() => { info!("SIGINT: exiting, data plane stays attached"); break; }
+                _ = hup.recv() => agent.reload(),
+                Some((req, reply)) = rx.recv() => {
+                    let shutdown = matches!(req, Request::Shutdown);
+                    let _ = reply.send(agent.handle(req));
+                    if shutdown {
+                        info!("shutdown requested: exiting, data plane stays attached");
+                        break;
+                    }
+                }
+            }
+        }
+        // Let the last answer reach its client before the runtime goes.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let _ = std::fs::remove_file(&sock);
+        Ok(())
+    })
+}
