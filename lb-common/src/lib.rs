@@ -114,7 +114,9 @@ pub const BACKEND_DOWN: u8 = 3;
 /// so that a packet still holding an old ring never meets a half-rewritten entry.
 pub const BACKEND_RETIRED: u8 = 4;
 
-/// Element of the `BACKENDS` array, indexed by backend id.
+/// Element of the `BACKENDS` array, indexed by backend id. A backend id names one
+/// *membership*: one backend address in one VIP. The same address in two VIPs has two ids,
+/// so draining, removing or counting it in one VIP never touches the other.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
@@ -124,6 +126,9 @@ pub struct Backend {
     pub mac: [u8; 6],
     pub family: u8,
     pub state: u8,
+    /// Id of the VIP this backend belongs to: a connection entry is honoured only while its
+    /// backend still belongs to the entry's VIP.
+    pub vip: u32,
 }
 
 /// Key of the connection table (`CONNS`, LRU with per-CPU lists) and input of [`flow_hash`].
@@ -140,15 +145,29 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+/// `ConnVal::flags`: a FIN or RST of the client was seen (the connection is closing).
+pub const CONN_F_CLOSING: u8 = 1;
+
 /// Value of the connection table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnVal {
+    /// Backend (membership) id.
     pub backend: u32,
-    /// Id of the VIP the flow belongs to: with `VIP_INFO` it lets an established flow skip
-    /// the `VIPS` lookup.
-    pub vip: u32,
+    /// Id of the VIP the flow belongs to (`max_vips` <= 4096): with `VIP_INFO` it lets an
+    /// established flow skip the `VIPS` lookup.
+    pub vip: u16,
+    /// `CONN_F_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) of the flow's last packet,
+    /// refreshed at most once per [`ATIME_GRANULARITY_NS`]: how the agent tells active
+    /// connections from idle ones.
+    pub atime: u64,
 }
+
+/// The data plane refreshes `ConnVal::atime` when it is at least this old.
+pub const ATIME_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Element of the `VIP_INFO` array, indexed by VIP id: a mirror of `VIPS` (key and
 /// forwarding of each live VIP id) that established flows check instead of a hash lookup.
@@ -311,34 +330,66 @@ pub fn fmix32(mut h: u32) -> u32 {
     h ^ (h >> 16)
 }
 
-/// The flow hash that picks a ring slot: MurmurHash3 over the raw words of the VIP's hash
-/// fields. Default fields: source, destination, ports, protocol. With `affinity`: the
-/// source address only, so every flow of one client lands on one backend.
+/// The flow hash that picks a ring slot: MurmurHash3 (x86, 32-bit) with `seed`, over the
+/// wire bytes of the VIP's hash fields, which are whole 32-bit words:
+/// - default: source address, destination address, source port, destination port,
+///   protocol as one byte followed by three zero bytes (16 bytes for IPv4, 40 for IPv6);
+/// - with `affinity`: the source address only (4 or 16 bytes), so every flow of one
+///   client lands on one backend.
+///
+/// It equals [`murmur3_32`] of those bytes (tests check both against MurmurHash3's
+/// published vectors and against literal golden values).
 #[inline(always)]
 pub fn flow_hash(seed: u32, k: &FlowKey, affinity: bool) -> u32 {
     let mut h = seed;
+    let len: u32;
     if k.family == FAMILY_V6 {
         h = murmur_round(h, k.src[0]);
         h = murmur_round(h, k.src[1]);
         h = murmur_round(h, k.src[2]);
         h = murmur_round(h, k.src[3]);
-        if !affinity {
+        if affinity {
+            len = 16;
+        } else {
             h = murmur_round(h, k.dst[0]);
             h = murmur_round(h, k.dst[1]);
             h = murmur_round(h, k.dst[2]);
             h = murmur_round(h, k.dst[3]);
+            len = 40;
         }
     } else {
         h = murmur_round(h, k.src[0]);
-        if !affinity {
+        if affinity {
+            len = 4;
+        } else {
             h = murmur_round(h, k.dst[0]);
+            len = 16;
         }
     }
     if !affinity {
         h = murmur_round(h, k.sport as u32 | (k.dport as u32) << 16);
         h = murmur_round(h, k.proto as u32);
     }
-    fmix32(h)
+    fmix32(h ^ len)
+}
+
+/// MurmurHash3_x86_32 of any byte string (the reference algorithm, for userspace and tests;
+/// [`flow_hash`] is the same function unrolled for whole words).
+pub fn murmur3_32(data: &[u8], seed: u32) -> u32 {
+    let mut h = seed;
+    let mut blocks = data.chunks_exact(4);
+    for b in &mut blocks {
+        h = murmur_round(h, u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    }
+    let tail = blocks.remainder();
+    if !tail.is_empty() {
+        let mut k = 0u32;
+        for (i, &byte) in tail.iter().enumerate() {
+            k |= (byte as u32) << (8 * i);
+        }
+        h ^= k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+    }
+    fmix32(h ^ data.len() as u32)
 }
 
 /// Cheap per-flow entropy for outer headers (outer source address bits, IPv6 flow label,
@@ -366,6 +417,197 @@ pub fn ring_slot(hash: u32, ring_size: u32) -> u32 {
     hash % ring_size
 }
 
+/// Layouts of the pinned maps. Maps outlive the programs that use them (a restarted or
+/// upgraded agent adopts them), so the agent records in the `LAYOUT` map, per map, the
+/// layout *version* of its key and value (bumped by hand whenever a struct changes shape or
+/// meaning) and their *shape* (a fingerprint of each struct's size and of every field's
+/// name and offset, computed by the compiler). A pinned map of another version is migrated
+/// (or refused); one of the same version but another shape means a struct was changed
+/// without a new version, and is refused rather than misread.
+pub mod layout {
+    use super::*;
+    use core::mem::size_of;
+
+    /// Value of the `LAYOUT` map (key: the map's name, NUL-padded to 16 bytes). This struct
+    /// and that key never change: they are how every later build reads the pins.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct MapLayout {
+        pub version: u32,
+        pub shape: u32,
+    }
+
+    /// FNV-1a step over the bytes of `x`.
+    pub const fn fnv_u32(mut h: u32, x: u32) -> u32 {
+        let b = x.to_le_bytes();
+        let mut i = 0;
+        while i < 4 {
+            h = (h ^ b[i] as u32).wrapping_mul(0x0100_0193);
+            i += 1;
+        }
+        h
+    }
+
+    /// FNV-1a step over a name.
+    pub const fn fnv_str(mut h: u32, s: &str) -> u32 {
+        let b = s.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            h = (h ^ b[i] as u32).wrapping_mul(0x0100_0193);
+            i += 1;
+        }
+        fnv_u32(h, b.len() as u32)
+    }
+
+    /// Shape of a plain integer (or array of them) `size` bytes long.
+    pub const fn plain(size: usize) -> u32 {
+        fnv_u32(0x811c_9dc5, size as u32)
+    }
+
+    /// Shape of a key and a value together.
+    pub const fn pair(key: u32, value: u32) -> u32 {
+        fnv_u32(fnv_u32(0x811c_9dc5, key), value)
+    }
+
+    /// Shape of a struct: its size and each listed field's name and offset. List every
+    /// field (a test checks that the listed sizes add up to the struct's size).
+    #[macro_export]
+    macro_rules! shape {
+        ($t:ty; $($f:ident),+ $(,)?) => {{
+            let mut h = $crate::layout::fnv_u32(0x811c_9dc5, core::mem::size_of::<$t>() as u32);
+            $(
+                h = $crate::layout::fnv_str(h, stringify!($f));
+                h = $crate::layout::fnv_u32(h, core::mem::offset_of!($t, $f) as u32);
+            )+
+            h
+        }};
+    }
+
+    pub const VIP_KEY: u32 = shape!(VipKey; addr, port, proto, family);
+    pub const VIP_META: u32 = shape!(VipMeta; id, ring_base, ring_size, forwarding, flags, _pad);
+    pub const ADDR_KEY: u32 = shape!(AddrKey; addr, family, _pad);
+    pub const BACKEND: u32 = shape!(Backend; addr, mac, family, state, vip);
+    pub const FLOW_KEY: u32 = shape!(FlowKey; src, dst, sport, dport, proto, family, _pad);
+    pub const CONN_VAL: u32 = shape!(ConnVal; backend, vip, flags, _pad, atime);
+    pub const VIP_INFO: u32 = shape!(VipInfo; key, forwarding, live, _pad);
+    pub const CONFIG: u32 =
+        shape!(Config; hash_seed, mtu, src4, src4_mask, src6, src6_mask, gw_mac, _pad);
+    pub const COUNTERS: u32 = shape!(Counters; packets, bytes, new_flows);
+    const INDEX: u32 = plain(size_of::<u32>());
+
+    /// Every pinned map of the data plane with its layout. Version history (append here,
+    /// never reuse a number):
+    /// - 1: the first release, which pinned no `LAYOUT` (a pin directory without one is v1).
+    /// - 2: backend ids name a (VIP, backend) membership: `Backend::vip` added; `RINGS` and
+    ///   `BE_STATS` are indexed by those ids; `ConnVal` gained `flags` and `atime` and its
+    ///   `vip` became 16 bits.
+    pub const MAPS: [(&str, MapLayout); 13] = [
+        (
+            "VIPS",
+            MapLayout {
+                version: 1,
+                shape: pair(VIP_KEY, VIP_META),
+            },
+        ),
+        (
+            "VIP_ADDRS",
+            MapLayout {
+                version: 1,
+                shape: pair(ADDR_KEY, plain(4)),
+            },
+        ),
+        (
+            "VIP_FILTER",
+            MapLayout {
+                version: 1,
+                shape: pair(INDEX, plain(8)),
+            },
+        ),
+        (
+            "VIP_INFO",
+            MapLayout {
+                version: 1,
+                shape: pair(INDEX, VIP_INFO),
+            },
+        ),
+        (
+            "RINGS",
+            MapLayout {
+                version: 2,
+                shape: pair(INDEX, plain(8)),
+            },
+        ),
+        (
+            "BACKENDS",
+            MapLayout {
+                version: 2,
+                shape: pair(INDEX, BACKEND),
+            },
+        ),
+        (
+            "CONNS",
+            MapLayout {
+                version: 2,
+                shape: pair(FLOW_KEY, CONN_VAL),
+            },
+        ),
+        (
+            "CONFIG",
+            MapLayout {
+                version: 1,
+                shape: pair(INDEX, CONFIG),
+            },
+        ),
+        (
+            "STATS",
+            MapLayout {
+                version: 1,
+                shape: pair(INDEX, plain(8)),
+            },
+        ),
+        (
+            "VIP_STATS",
+            MapLayout {
+                version: 1,
+                shape: pair(INDEX, COUNTERS),
+            },
+        ),
+        (
+            "BE_STATS",
+            MapLayout {
+                version: 2,
+                shape: pair(INDEX, COUNTERS),
+            },
+        ),
+        (
+            "DECAP_STATS",
+            MapLayout {
+                version: 1,
+                shape: pair(INDEX, plain(8)),
+            },
+        ),
+        (
+            "LAYOUT",
+            MapLayout {
+                version: 1,
+                shape: pair(plain(16), plain(8)),
+            },
+        ),
+    ];
+
+    /// The `LAYOUT` key of a map name.
+    pub const fn key(name: &str) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        let b = name.as_bytes();
+        let mut i = 0;
+        while i < b.len() && i < 16 {
+            k[i] = b[i];
+            i += 1;
+        }
+        k
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -378,6 +620,7 @@ mod pod {
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for layout::MapLayout {}
 }
 
 #[cfg(test)]
@@ -390,9 +633,9 @@ mod tests {
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<VipMeta>(), 16);
         assert_eq!(size_of::<AddrKey>(), 20);
-        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<Backend>(), 28);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<ConnVal>(), 8);
+        assert_eq!(size_of::<ConnVal>(), 16);
         assert_eq!(size_of::<VipInfo>(), 24);
         assert_eq!(size_of::<Config>(), 44);
         assert_eq!(size_of::<Counters>(), 24);

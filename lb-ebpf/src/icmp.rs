@@ -123,7 +123,7 @@ fn quoted_flow(
         family: frame.family,
         _pad: [0; 2],
     };
-    to_backend(ctx, frame, &flow, unsafe { &*vip }, conn_of(&flow), true)
+    to_backend(ctx, frame, &flow, unsafe { &*vip }, conn_of(&flow), None)
 }
 
 /// Turn the frame into an ICMP fragmentation-needed (IPv4) or packet-too-big (IPv6) reply

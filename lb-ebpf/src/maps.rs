@@ -65,6 +65,13 @@ pub static BE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_B
 #[map]
 pub static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_DECAP_REASONS, 0);
 
+/// Map name → layout version and shape of its key and value (see `lb_common::layout`):
+/// written by the agent, never read by the programs; how a later build knows what it is
+/// adopting.
+#[map]
+pub static LAYOUT: HashMap<[u8; 16], lb_common::layout::MapLayout> =
+    HashMap::with_max_entries(32, 0);
+
 #[inline(always)]
 pub fn bump_reason(map: &PerCpuArray<u64>, idx: u32) {
     if let Some(p) = map.get_ptr_mut(idx) {

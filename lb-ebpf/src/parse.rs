@@ -10,7 +10,7 @@ use crate::{
     icmp::{icmp4, icmp6},
     maps::{VIPS, VIP_ADDRS, VIP_FILTER},
     pkt::*,
-    select::{conn_of, established, to_backend},
+    select::{conn_of, established, to_backend, Segment},
 };
 
 pub type Verdict = (u32, Reason);
@@ -198,18 +198,28 @@ fn l4_to_vip(
     if !maybe_vip(&dst) {
         return pass(Reason::PassNotVip);
     }
+    let seg = if proto == PROTO_TCP {
+        let Some(t) = check(ctx, l4, 14) else {
+            return drop(Reason::DropTruncated);
+        };
+        Segment::tcp(ld8(t + 13))
+    } else {
+        Segment::UDP
+    };
     let key = VipKey {
         addr: dst,
         port: flow.dport,
         proto,
         family: frame.family,
     };
-    let conn = conn_of(&flow);
-    if let Some(v) = established(ctx, frame, &flow, &key, conn) {
+    // A SYN opens a connection: it always follows the ring, never an old entry (a client
+    // reusing its port must not land on a backend that was drained or removed since).
+    let conn = if seg.syn { None } else { conn_of(&flow) };
+    if let Some(v) = established(ctx, frame, &flow, &key, conn, seg) {
         return v;
     }
     let Some(vip) = VIPS.get_ptr(&key) else {
         return pass(Reason::PassNotVip);
     };
-    to_backend(ctx, frame, &flow, unsafe { &*vip }, conn, false)
+    to_backend(ctx, frame, &flow, unsafe { &*vip }, conn, Some(seg))
 }

@@ -1,6 +1,6 @@
 //! Backend selection: the connection table first, then the VIP's Maglev ring; then the
 //! packet is forwarded (`forward`) and counted.
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::*;
 
 use crate::{
@@ -9,10 +9,74 @@ use crate::{
     parse::{drop, Verdict},
 };
 
-/// The flow's connection-table entry, copied out.
+/// What selection needs to know of a TCP segment (UDP: neither).
+#[derive(Clone, Copy)]
+pub struct Segment {
+    /// SYN without ACK: the first packet of a connection.
+    pub syn: bool,
+    /// FIN or RST: the client is closing.
+    pub closing: bool,
+}
+
+impl Segment {
+    pub const UDP: Segment = Segment {
+        syn: false,
+        closing: false,
+    };
+
+    #[inline(always)]
+    pub fn tcp(flags: u8) -> Segment {
+        const FIN: u8 = 0x01;
+        const SYN: u8 = 0x02;
+        const RST: u8 = 0x04;
+        const ACK: u8 = 0x10;
+        Segment {
+            syn: flags & (SYN | ACK) == SYN,
+            closing: flags & (FIN | RST) != 0,
+        }
+    }
+
+    #[inline(always)]
+    fn flags(&self) -> u8 {
+        if self.closing {
+            CONN_F_CLOSING
+        } else {
+            0
+        }
+    }
+}
+
+/// The flow's connection-table entry (a pointer into the map: a hit refreshes it).
 #[inline(always)]
-pub fn conn_of(flow: &FlowKey) -> Option<ConnVal> {
-    CONNS.get_ptr(flow).map(|c| unsafe { *c })
+pub fn conn_of(flow: &FlowKey) -> Option<*mut ConnVal> {
+    CONNS.get_ptr_mut(flow)
+}
+
+/// The backend of an entry, if the entry still holds: the backend keeps flows (up or
+/// draining) and still belongs to the entry's VIP `vip`.
+#[inline(always)]
+fn holds<'a>(c: &ConnVal, vip: u32) -> Option<&'a Backend> {
+    if c.vip as u32 != vip {
+        return None;
+    }
+    BACKENDS
+        .get(c.backend)
+        .filter(|be| (be.state == BACKEND_UP || be.state == BACKEND_DRAINING) && be.vip == vip)
+}
+
+/// A packet of an established flow: refresh the entry's time (at most once a second) and
+/// note a FIN or RST.
+#[inline(always)]
+fn touch(c: *mut ConnVal, seg: Segment) {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    unsafe {
+        if now.wrapping_sub((*c).atime) >= ATIME_GRANULARITY_NS {
+            (*c).atime = now;
+        }
+        if seg.closing && (*c).flags & CONN_F_CLOSING == 0 {
+            (*c).flags |= CONN_F_CLOSING;
+        }
+    }
 }
 
 /// Established flow fast path: the entry names its VIP, `VIP_INFO` confirms that VIP still
@@ -24,29 +88,26 @@ pub fn established(
     frame: &Frame,
     flow: &FlowKey,
     key: &VipKey,
-    conn: Option<ConnVal>,
+    conn: Option<*mut ConnVal>,
+    seg: Segment,
 ) -> Option<Verdict> {
     let c = conn?;
-    let info = VIP_INFO.get(c.vip)?;
+    let (vip, backend) = unsafe { ((*c).vip as u32, (*c).backend) };
+    let info = VIP_INFO.get(vip)?;
     if info.live == 0 || info.key != *key {
         return None;
     }
-    let be = BACKENDS.get(c.backend).filter(|be| keeps_flows(be))?;
+    let be = holds(unsafe { &*c }, vip)?;
     let Some(cfg) = CONFIG.get(0) else {
         return Some(drop(Reason::DropNoConfig));
     };
+    touch(c, seg);
     let to = To {
-        vip: c.vip,
+        vip,
         forwarding: info.forwarding,
-        backend: c.backend,
+        backend,
     };
     Some(send(ctx, frame, flow, &to, be, cfg, false, false))
-}
-
-/// A backend that keeps its established flows.
-#[inline(always)]
-fn keeps_flows(be: &Backend) -> bool {
-    be.state == BACKEND_UP || be.state == BACKEND_DRAINING
 }
 
 /// Where a selected packet goes: its VIP (counters, forwarding mode) and backend.
@@ -77,20 +138,22 @@ fn send(
     verdict
 }
 
-/// Connection table first, then the VIP's Maglev ring.
+/// Connection table first, then the VIP's Maglev ring. `seg` is the TCP/UDP segment, or
+/// `None` for an ICMP error about the flow (which never creates or refreshes an entry).
 #[inline(always)]
 pub fn to_backend(
     ctx: &XdpContext,
     frame: &Frame,
     flow: &FlowKey,
     vip: &VipMeta,
-    conn: Option<ConnVal>,
-    icmp: bool,
+    conn: Option<*mut ConnVal>,
+    seg: Option<Segment>,
 ) -> Verdict {
     let Some(cfg) = CONFIG.get(0) else {
         return drop(Reason::DropNoConfig);
     };
-    let (id, be, new) = match select(flow, vip, cfg, conn, !icmp) {
+    let icmp = seg.is_none();
+    let (id, be, new) = match select(flow, vip, cfg, conn, seg) {
         Ok(sel) => sel,
         Err(r) => {
             bump_counters(&VIP_STATS, vip.id, frame.len as u64, false);
@@ -102,7 +165,7 @@ pub fn to_backend(
         forwarding: vip.forwarding,
         backend: id,
     };
-    send(ctx, frame, flow, &to, be, cfg, new && !icmp, icmp)
+    send(ctx, frame, flow, &to, be, cfg, new, icmp)
 }
 
 #[inline(always)]
@@ -110,23 +173,15 @@ fn select<'a>(
     flow: &FlowKey,
     vip: &VipMeta,
     cfg: &Config,
-    conn: Option<ConnVal>,
-    insert: bool,
+    conn: Option<*mut ConnVal>,
+    seg: Option<Segment>,
 ) -> Result<(u32, &'a Backend, bool), Reason> {
     if let Some(c) = conn {
-        if let Some(be) = BACKENDS.get(c.backend).filter(|be| keeps_flows(be)) {
-            // An entry from the VIP's earlier life under another id: adopt it.
-            if insert && c.vip != vip.id {
-                let _ = CONNS.insert(
-                    flow,
-                    ConnVal {
-                        backend: c.backend,
-                        vip: vip.id,
-                    },
-                    0,
-                );
+        if let Some(be) = holds(unsafe { &*c }, vip.id) {
+            if let Some(seg) = seg {
+                touch(c, seg);
             }
-            return Ok((c.backend, be, false));
+            return Ok((unsafe { (*c).backend }, be, false));
         }
     }
     if vip.ring_size == 0 {
@@ -144,15 +199,16 @@ fn select<'a>(
     if be.state == BACKEND_EMPTY {
         return Err(Reason::DropNoBackend);
     }
-    if insert {
-        let _ = CONNS.insert(
-            flow,
-            ConnVal {
-                backend: id,
-                vip: vip.id,
-            },
-            0,
-        );
-    }
+    let Some(seg) = seg else {
+        return Ok((id, be, false));
+    };
+    let entry = ConnVal {
+        backend: id,
+        vip: vip.id as u16,
+        flags: seg.flags(),
+        _pad: 0,
+        atime: unsafe { bpf_ktime_get_coarse_ns() },
+    };
+    let _ = CONNS.insert(flow, &entry, 0);
     Ok((id, be, true))
 }

@@ -2,9 +2,14 @@
 //! for VIPs and backends that already exist (also across an agent restart, when they are
 //! read back from the pinned maps), rings are rebuilt only when their input changed and are
 //! swapped in by writing the idle buffer and then flipping the VIP's entry.
+//!
+//! A backend id names a *membership*: one backend address in one VIP. The same address in
+//! two VIPs has two ids, so draining or removing it in one VIP never touches the other's
+//! flows, and a connection entry stops holding the moment its backend leaves its VIP.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    time::Instant,
 };
 
 use anyhow::{anyhow, Context, Result};
@@ -27,29 +32,60 @@ pub struct AppliedVip {
     pub input: Option<(VipConfig, u32, u32)>,
 }
 
+/// A membership: (VIP, backend address).
+pub type MemberKey = (VipKey, IpAddr);
+
 /// The agent's record of the maps' contents.
 #[derive(Clone, Debug, Default)]
 pub struct Applied {
-    pub backends: BTreeMap<IpAddr, (u32, Backend)>,
+    /// Every backend of every VIP: its id and `BACKENDS` entry.
+    pub members: HashMap<MemberKey, (u32, Backend)>,
     pub vips: HashMap<VipKey, AppliedVip>,
     /// Ids of removed backends (`RETIRED` in the map) and when they were retired: not
     /// handed out again for [`ID_QUARANTINE`].
-    pub retired: BTreeMap<u32, std::time::Instant>,
+    pub retired: BTreeMap<u32, Instant>,
+    /// Ids to give VIPs and memberships that have none yet, where free (a migration keeps
+    /// the ids the old maps used; consumed by the next reconcile).
+    pub hints: IdHints,
+}
+
+/// Preferred ids, see [`Applied::hints`].
+#[derive(Clone, Debug, Default)]
+pub struct IdHints {
+    pub vips: HashMap<VipKey, u32>,
+    pub members: HashMap<MemberKey, u32>,
+}
+
+impl Applied {
+    /// The id of backend `addr` of VIP `key`.
+    pub fn member_id(&self, key: &VipKey, addr: &IpAddr) -> Option<u32> {
+        self.members.get(&(*key, *addr)).map(|(id, _)| *id)
+    }
+
+    /// The (VIP, address) a backend id stands for.
+    pub fn member_of(&self, id: u32) -> Option<MemberKey> {
+        self.members
+            .iter()
+            .find(|(_, (i, _))| *i == id)
+            .map(|(k, _)| *k)
+    }
 }
 
 /// How long a removed backend's id stays unused. Far longer than any packet can take, so a
 /// packet that read an old ring always finds the backend that ring meant.
 pub const ID_QUARANTINE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// What a reconcile changed, for the log.
+/// What a reconcile changed, for the log. Backends are named `vip/address`.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     pub vips_added: Vec<String>,
     pub vips_updated: Vec<String>,
     pub vips_removed: usize,
-    pub backends_added: Vec<IpAddr>,
-    pub backends_removed: Vec<IpAddr>,
+    pub backends_added: Vec<String>,
+    pub backends_removed: Vec<String>,
     pub rings_rebuilt: usize,
+    /// Connection entries deleted because their VIP or backend was removed.
+    pub conns_swept: usize,
 }
 
 impl Changes {
@@ -68,19 +104,40 @@ pub fn vip_key(v: &VipConfig) -> VipKey {
     }
 }
 
-/// Read back what an earlier agent left in pinned maps, and repair what an older build may
-/// have left without: `VIP_INFO` mirrors `VIPS`, `VIP_FILTER` covers every VIP address.
-/// (From then on `Dataplane::set_vip` and `remove_vip` keep both right.)
+/// Read back what an earlier agent left in pinned maps, and repair what it may have left
+/// half done: `VIP_INFO` mirrors `VIPS`, `VIP_FILTER` covers every VIP address, and a
+/// backend whose VIP is gone is retired (its connection entries deleted).
+/// (From then on `Dataplane::set_vip` and `remove_vip` keep the first two right.)
 pub fn adopt(dp: &mut Dataplane) -> Result<Applied> {
     let mut applied = Applied::default();
+    let vips: Vec<(VipKey, VipMeta)> = dp.vips.iter().collect::<Result<_, _>>()?;
+    let by_id: HashMap<u32, VipKey> = vips.iter().map(|(k, m)| (m.id, *k)).collect();
+    let mut orphans = BTreeSet::new();
     for (id, be) in dp.read_backends()?.into_iter().enumerate() {
-        if be.state != BACKEND_EMPTY && be.state != BACKEND_RETIRED {
-            applied
-                .backends
-                .insert(ip_from_raw(be.addr, be.family), (id as u32, be));
+        let id = id as u32;
+        match (be.state, by_id.get(&be.vip)) {
+            (BACKEND_EMPTY, _) => {}
+            (BACKEND_RETIRED, _) => {
+                applied.retired.insert(id, Instant::now());
+            }
+            (_, Some(key)) => {
+                applied
+                    .members
+                    .insert((*key, ip_from_raw(be.addr, be.family)), (id, be));
+            }
+            (_, None) => {
+                dp.set_backend(
+                    id,
+                    &Backend {
+                        state: BACKEND_RETIRED,
+                        ..be
+                    },
+                )?;
+                applied.retired.insert(id, Instant::now());
+                orphans.insert(id);
+            }
         }
     }
-    let vips: Vec<(VipKey, VipMeta)> = dp.vips.iter().collect::<Result<_, _>>()?;
     let mut filter = dp.vip_filter.get(&0, 0)?;
     for (key, meta) in vips {
         let ring = dp.read_ring(meta.ring_base, meta.ring_size)?;
@@ -97,6 +154,11 @@ pub fn adopt(dp: &mut Dataplane) -> Result<Applied> {
     }
     if dp.vip_filter.get(&0, 0)? != filter {
         dp.vip_filter.set(0, filter, 0)?;
+    }
+    if !orphans.is_empty() {
+        dp.wait_for_programs()?;
+        let live: BTreeSet<u32> = applied.vips.values().map(|v| v.meta.id).collect();
+        dp.sweep_conns(|c| orphans.contains(&c.backend) || !live.contains(&(c.vip as u32)))?;
     }
     Ok(applied)
 }
@@ -142,13 +204,9 @@ pub fn ring_hash(ring: &[u32]) -> u64 {
         ^ ring.len() as u64
 }
 
-/// The Maglev ring of a VIP: active backends, named by address so that every LB host
-/// with the same config builds the same ring.
-pub fn build_ring(
-    cfg: &Config,
-    v: &VipConfig,
-    ids: &BTreeMap<IpAddr, (u32, Backend)>,
-) -> Result<Vec<u32>> {
+/// The Maglev ring of a VIP as backend addresses: its active backends, named by address so
+/// that every LB host with the same config builds the same ring.
+pub fn ring_addresses(cfg: &Config, v: &VipConfig) -> Result<Vec<IpAddr>> {
     let active: Vec<_> = v.backends.iter().filter(|b| b.active()).collect();
     let names: Vec<String> = active.iter().map(|b| b.address.to_string()).collect();
     let input: Vec<MaglevInput> = active
@@ -163,7 +221,7 @@ pub fn build_ring(
         .map_err(|e| anyhow!("vip[{}]: ring: {e:?}", v.name))?;
     Ok(table
         .into_iter()
-        .map(|i| ids[&active[i as usize].address].0)
+        .map(|i| active[i as usize].address)
         .collect())
 }
 
@@ -176,23 +234,27 @@ fn next_free(from: &mut u32, max: u32, taken: impl Fn(u32) -> bool) -> Option<u3
     Some(id)
 }
 
-/// A backend id: the lowest neither in use nor in quarantine; failing that, the
-/// longest-retired one.
+/// A backend id: the hinted one if it is free, else the lowest neither in use nor in
+/// quarantine; failing that, the longest-retired one.
 fn free_backend_id(
     used: &BTreeSet<u32>,
-    retired: &mut BTreeMap<u32, std::time::Instant>,
+    retired: &mut BTreeMap<u32, Instant>,
     max: u32,
     from: &mut u32,
+    hint: Option<u32>,
 ) -> Result<u32> {
-    let now = std::time::Instant::now();
+    let now = Instant::now();
     retired.retain(|_, t| now.duration_since(*t) < ID_QUARANTINE);
+    if let Some(h) = hint.filter(|h| *h < max && !used.contains(h) && !retired.contains_key(h)) {
+        return Ok(h);
+    }
     if let Some(id) = next_free(from, max, |i| used.contains(&i) || retired.contains_key(&i)) {
         return Ok(id);
     }
     let (&id, _) = retired
         .iter()
         .min_by_key(|(_, t)| **t)
-        .ok_or_else(|| anyhow!("no free backend id below {max}"))?;
+        .ok_or_else(|| anyhow!("no free backend id below {max} (agent.max_backends)"))?;
     retired.remove(&id);
     Ok(id)
 }
@@ -205,36 +267,67 @@ pub fn reconcile(
     mtu: u32,
 ) -> Result<Changes> {
     let mut ch = Changes::default();
+    let hints = std::mem::take(&mut applied.hints);
     let dcfg = dataplane_config(cfg, mtu)?;
     if dp.config.get(&0, 0)? != dcfg {
         dp.set_config(&dcfg)?;
     }
 
-    // Backends: one id per address across all VIPs.
-    let mut want: BTreeMap<IpAddr, Backend> = BTreeMap::new();
+    // VIP ids first: every membership names its VIP's id.
+    let mut vip_ids: BTreeSet<u32> = applied.vips.values().map(|v| v.meta.id).collect();
+    let mut vip_cursor = 0;
+    let mut ids: HashMap<VipKey, (u32, bool)> = HashMap::new();
     for v in &cfg.vips {
+        let key = vip_key(v);
+        let id = match applied.vips.get(&key) {
+            Some(a) => (a.meta.id, false),
+            None => {
+                let max = dp.sizes.max_vips;
+                let id = match hints.vips.get(&key) {
+                    Some(&h) if h < max && !vip_ids.contains(&h) => h,
+                    _ => next_free(&mut vip_cursor, max, |i| vip_ids.contains(&i))
+                        .ok_or_else(|| anyhow!("no free VIP id below {max} (agent.max_vips)"))?,
+                };
+                vip_ids.insert(id);
+                (id, true)
+            }
+        };
+        ids.insert(key, id);
+    }
+
+    // Memberships: a draining (or weight 0) backend keeps its flows and is in no ring.
+    let mut want: HashMap<MemberKey, Backend> = HashMap::new();
+    for v in &cfg.vips {
+        let key = vip_key(v);
         for b in &v.backends {
             let (addr, family) = addr_raw(b.address);
-            let mac = b.mac.as_deref().and_then(parse_mac).unwrap_or([0; 6]);
-            let e = want.entry(b.address).or_insert(Backend {
-                addr,
-                mac,
-                family,
-                state: BACKEND_UP,
-            });
-            if e.mac == [0; 6] {
-                e.mac = mac;
-            }
+            want.insert(
+                (key, b.address),
+                Backend {
+                    addr,
+                    mac: b.mac.as_deref().and_then(parse_mac).unwrap_or([0; 6]),
+                    family,
+                    state: if b.active() {
+                        BACKEND_UP
+                    } else {
+                        BACKEND_DRAINING
+                    },
+                    vip: ids[&key].0,
+                },
+            );
         }
     }
-    let mut used: BTreeSet<u32> = applied.backends.values().map(|(id, _)| *id).collect();
+    let mut used: BTreeSet<u32> = applied.members.values().map(|(id, _)| *id).collect();
     let mut be_cursor = 0;
-    for (addr, be) in &want {
-        match applied.backends.get(addr) {
+    // In a stable order, so that ids do not depend on hash-map iteration.
+    let mut order: Vec<(&MemberKey, &Backend)> = want.iter().collect();
+    order.sort_by_key(|((k, a), b)| (b.vip, k.port, *a));
+    for (mk, be) in order {
+        match applied.members.get(mk) {
             Some((_, old)) if old == be => {}
             Some(&(id, _)) => {
                 dp.set_backend(id, be)?;
-                applied.backends.insert(*addr, (id, *be));
+                applied.members.insert(*mk, (id, *be));
             }
             None => {
                 let id = free_backend_id(
@@ -242,32 +335,35 @@ pub fn reconcile(
                     &mut applied.retired,
                     dp.sizes.max_backends,
                     &mut be_cursor,
+                    hints.members.get(mk).copied(),
                 )?;
                 used.insert(id);
                 dp.set_backend(id, be)?;
-                applied.backends.insert(*addr, (id, *be));
-                ch.backends_added.push(*addr);
+                applied.members.insert(*mk, (id, *be));
+                ch.backends_added.push(member_name(cfg, mk));
             }
         }
     }
 
-    // VIPs: keep ids, rebuild rings whose input changed, flip buffers.
-    let mut vip_ids: BTreeSet<u32> = applied.vips.values().map(|v| v.meta.id).collect();
-    let mut vip_cursor = 0;
+    // Rings: rebuild those whose input changed, flip buffers.
     let mut live = Vec::new();
     for v in &cfg.vips {
         let key = vip_key(v);
         live.push(key);
-        // Same VIP, seed and ring size: same ring (backend ids of kept addresses never
-        // change), so skip the build.
+        // Same VIP, seed and ring size: same ring (ids of kept memberships never change),
+        // so skip the build.
         let input = (v.clone(), cfg.agent.hash_seed, cfg.agent.ring_size);
         if applied.vips.get(&key).and_then(|a| a.input.as_ref()) == Some(&input) {
             continue;
         }
-        let ring = build_ring(cfg, v, &applied.backends)?;
+        let ring: Vec<u32> = ring_addresses(cfg, v)?
+            .into_iter()
+            .map(|a| applied.members[&(key, a)].0)
+            .collect();
         let flags = if v.affinity { VIP_F_AFFINITY } else { 0 };
         let forwarding = v.forwarding.to_common() as u8;
-        let (id, which, is_new) = match applied.vips.get(&key) {
+        let (id, is_new) = ids[&key];
+        let which = match applied.vips.get(&key) {
             Some(a) => {
                 let unchanged = a.ring == ring_hash(&ring)
                     && a.meta.flags == flags
@@ -279,15 +375,9 @@ pub fn reconcile(
                     }
                     continue;
                 }
-                let cur = dp.ring_buffer(a.meta.ring_base);
-                (a.meta.id, 1 - cur, false)
+                1 - dp.ring_buffer(a.meta.ring_base)
             }
-            None => {
-                let id = next_free(&mut vip_cursor, dp.sizes.max_vips, |i| vip_ids.contains(&i))
-                    .ok_or_else(|| anyhow!("no free VIP id below {}", dp.sizes.max_vips))?;
-                vip_ids.insert(id);
-                (id, 0, true)
-            }
+            None => 0,
         };
         let ring_base = dp
             .write_ring(id, which, &ring)
@@ -322,9 +412,10 @@ pub fn reconcile(
         .filter(|k| !live.contains(k))
         .copied()
         .collect();
+    let mut gone_vips = BTreeSet::new();
     for key in gone {
         dp.remove_vip(&key)?;
-        applied.vips.remove(&key);
+        gone_vips.insert(applied.vips.remove(&key).unwrap().meta.id);
         ch.vips_removed += 1;
     }
 
@@ -333,16 +424,17 @@ pub fn reconcile(
     if ch.rings_rebuilt > 0 || ch.vips_removed > 0 {
         dp.wait_for_programs()?;
     }
-    // Backends no VIP uses any more: retired last, after no ring names them. Only the state
+    // Memberships that are gone: retired last, after no ring names them. Only the state
     // byte changes, so even a packet that raced the flip reads a whole, valid entry.
-    let gone: Vec<IpAddr> = applied
-        .backends
+    let gone: Vec<MemberKey> = applied
+        .members
         .keys()
-        .filter(|a| !want.contains_key(a))
+        .filter(|k| !want.contains_key(k))
         .copied()
         .collect();
-    for addr in gone {
-        let (id, be) = applied.backends.remove(&addr).unwrap();
+    let mut gone_ids = BTreeSet::new();
+    for mk in gone {
+        let (id, be) = applied.members.remove(&mk).unwrap();
         dp.set_backend(
             id,
             &Backend {
@@ -350,8 +442,30 @@ pub fn reconcile(
                 ..be
             },
         )?;
-        applied.retired.insert(id, std::time::Instant::now());
-        ch.backends_removed.push(addr);
+        applied.retired.insert(id, Instant::now());
+        gone_ids.insert(id);
+        ch.backends_removed
+            .push(format!("{}/{}", ip_from_raw(mk.0.addr, mk.0.family), mk.1));
+    }
+    // Their connection entries go too, so that no entry ever names an id that is handed
+    // out again. A packet that read a backend as up just before it was retired can at most
+    // refresh an entry; none can create one naming it any more.
+    if !gone_ids.is_empty() || !gone_vips.is_empty() {
+        dp.wait_for_programs()?;
+        ch.conns_swept = dp.sweep_conns(|c| {
+            gone_ids.contains(&c.backend) || gone_vips.contains(&(c.vip as u32))
+        })?;
     }
     Ok(ch)
+}
+
+/// `vip/address` for the log.
+fn member_name(cfg: &Config, (key, addr): &MemberKey) -> String {
+    let name = cfg
+        .vips
+        .iter()
+        .find(|v| vip_key(v) == *key)
+        .map(|v| v.name.as_str())
+        .unwrap_or("?");
+    format!("{name}/{addr}")
 }

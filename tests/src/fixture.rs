@@ -14,12 +14,15 @@ use crate::model::Model;
 pub use crate::packets::{CLIENT_MAC, LB_MAC};
 pub const GW_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xfe];
 
+/// One backend of one VIP (a membership: its index in `Fixture::backends` is its id).
 #[derive(Clone, Debug)]
 pub struct BackendSpec {
     pub addr: IpAddr,
     pub weight: u32,
     pub mac: [u8; 6],
     pub state: u8,
+    /// Index (= id) of its VIP in `Fixture::vips`.
+    pub vip: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -29,7 +32,7 @@ pub struct VipSpec {
     pub proto: u8,
     pub forwarding: Forwarding,
     pub affinity: bool,
-    /// Backend ids (indices into `Fixture::backends`).
+    /// Its backends' ids (indices into `Fixture::backends`).
     pub backends: Vec<u32>,
 }
 
@@ -75,36 +78,36 @@ pub fn standard_config() -> Config {
 }
 
 impl Fixture {
-    /// Backends 0-3 IPv4 (weights 1,2,3,4), 4-7 IPv6 (weights 1,2,3,4), 8 an IPv6 backend
+    /// Four IPv4 addresses (weights 1,2,3,4), four IPv6 (weights 1,2,3,4) and an IPv6 one
     /// with no MAC (uses the gateway MAC). One VIP per forwarding mode and family, TCP and
-    /// UDP, plus an affinity VIP; `ring_size` small enough to keep tests quick.
+    /// UDP, over the four of its family, plus a 4-in-6 VIP, a GUE VIP whose one backend has
+    /// no MAC, and an affinity VIP; `ring_size` small enough to keep tests quick. Every VIP
+    /// has backend ids of its own (ids name memberships), in VIP order.
     pub fn standard() -> Self {
-        let mut backends = Vec::new();
-        for i in 0..4u8 {
-            backends.push(BackendSpec {
-                addr: v4(20, 10 + i),
-                weight: i as u32 + 1,
-                mac: [0x02, 0, 0, 0, 0x20, 10 + i],
-                state: BACKEND_UP,
-            });
-        }
-        for i in 0..4u16 {
-            backends.push(BackendSpec {
-                addr: v6(20, 10 + i),
-                weight: i as u32 + 1,
-                mac: [0x02, 0, 0, 0, 0x60, 10 + i as u8],
-                state: BACKEND_UP,
-            });
-        }
-        backends.push(BackendSpec {
-            addr: v6(20, 99),
-            weight: 1,
-            mac: [0; 6],
-            state: BACKEND_UP,
-        });
-        let four = vec![0, 1, 2, 3];
-        let six = vec![4, 5, 6, 7];
-        let mut vips = Vec::new();
+        /// (address, weight, MAC) of each backend of a VIP.
+        type Addrs = Vec<(IpAddr, u32, [u8; 6])>;
+        let four: Addrs = (0..4u8)
+            .map(|i| (v4(20, 10 + i), i as u32 + 1, [0x02, 0, 0, 0, 0x20, 10 + i]))
+            .collect();
+        let six: Addrs = (0..4u16)
+            .map(|i| {
+                (
+                    v6(20, 10 + i),
+                    i as u32 + 1,
+                    [0x02, 0, 0, 0, 0x60, 10 + i as u8],
+                )
+            })
+            .collect();
+        let no_mac = vec![(v6(20, 99), 1, [0; 6])];
+        let mut vips: Vec<(VipSpec, &Addrs)> = Vec::new();
+        let spec = |addr, port, proto, forwarding, affinity| VipSpec {
+            addr,
+            port,
+            proto,
+            forwarding,
+            affinity,
+            backends: Vec::new(),
+        };
         let mut id = 0u8;
         for (fwd, port) in [
             (Forwarding::Ipip, 80),
@@ -112,50 +115,45 @@ impl Fixture {
             (Forwarding::L2Dsr, 82),
         ] {
             for proto in [PROTO_TCP, PROTO_UDP] {
-                vips.push(VipSpec {
-                    addr: v4(10, 1 + id % 2),
-                    port,
-                    proto,
-                    forwarding: fwd,
-                    affinity: false,
-                    backends: four.clone(),
-                });
-                vips.push(VipSpec {
-                    addr: v6(10, 1 + (id % 2) as u16),
-                    port,
-                    proto,
-                    forwarding: fwd,
-                    affinity: false,
-                    backends: six.clone(),
-                });
+                vips.push((spec(v4(10, 1 + id % 2), port, proto, fwd, false), &four));
+                vips.push((
+                    spec(v6(10, 1 + (id % 2) as u16), port, proto, fwd, false),
+                    &six,
+                ));
                 id += 1;
             }
         }
         // 4-in-6: an IPv4 VIP served by IPv6 backends; GUE to a backend without a MAC.
-        vips.push(VipSpec {
-            addr: v4(10, 3),
-            port: 80,
-            proto: PROTO_TCP,
-            forwarding: Forwarding::Ipip,
-            affinity: false,
-            backends: six.clone(),
-        });
-        vips.push(VipSpec {
-            addr: v4(10, 3),
-            port: 81,
-            proto: PROTO_UDP,
-            forwarding: Forwarding::Gue,
-            affinity: false,
-            backends: vec![8],
-        });
-        vips.push(VipSpec {
-            addr: v4(10, 4),
-            port: 443,
-            proto: PROTO_TCP,
-            forwarding: Forwarding::Ipip,
-            affinity: true,
-            backends: four,
-        });
+        vips.push((
+            spec(v4(10, 3), 80, PROTO_TCP, Forwarding::Ipip, false),
+            &six,
+        ));
+        vips.push((
+            spec(v4(10, 3), 81, PROTO_UDP, Forwarding::Gue, false),
+            &no_mac,
+        ));
+        vips.push((
+            spec(v4(10, 4), 443, PROTO_TCP, Forwarding::Ipip, true),
+            &four,
+        ));
+        let mut backends = Vec::new();
+        let vips = vips
+            .into_iter()
+            .enumerate()
+            .map(|(i, (mut v, addrs))| {
+                for &(addr, weight, mac) in addrs {
+                    v.backends.push(backends.len() as u32);
+                    backends.push(BackendSpec {
+                        addr,
+                        weight,
+                        mac,
+                        state: BACKEND_UP,
+                        vip: i as u32,
+                    });
+                }
+                v
+            })
+            .collect();
         Fixture {
             config: standard_config(),
             backends,
@@ -172,6 +170,7 @@ impl Fixture {
             mac: b.mac,
             family,
             state: b.state,
+            vip: b.vip,
         }
     }
 

@@ -145,6 +145,10 @@ pub struct Opts {
     pub ipv4_options: Vec<u8>,
     /// TCP: SYN (else ACK).
     pub syn: bool,
+    /// TCP: FIN too.
+    pub fin: bool,
+    /// TCP: RST too.
+    pub rst: bool,
     /// Zero bytes appended after the IP datagram (Ethernet padding).
     pub padding: usize,
 }
@@ -166,6 +170,8 @@ impl Default for Opts {
             flow_label: 0,
             ipv4_options: Vec::new(),
             syn: false,
+            fin: false,
+            rst: false,
             padding: 0,
         }
     }
@@ -211,6 +217,14 @@ impl Opts {
     }
     pub fn with_syn(mut self, syn: bool) -> Self {
         self.syn = syn;
+        self
+    }
+    pub fn with_fin(mut self, fin: bool) -> Self {
+        self.fin = fin;
+        self
+    }
+    pub fn with_rst(mut self, rst: bool) -> Self {
+        self.rst = rst;
         self
     }
     pub fn with_padding(mut self, n: usize) -> Self {
@@ -295,11 +309,17 @@ impl Opts {
         out
     }
 
-    /// TCP frame (SYN if `self.syn`, else ACK).
+    /// TCP frame (SYN if `self.syn`, else ACK; FIN, RST if asked).
     pub fn tcp(&self, src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: &[u8]) -> Vec<u8> {
         let (ip, et) = self.ip(src, dst);
         let mut b = PacketBuilder::ip(ip).tcp(sport, dport, 1000, 65535);
         b = if self.syn { b.syn() } else { b.ack(1) };
+        if self.fin {
+            b = b.fin();
+        }
+        if self.rst {
+            b = b.rst();
+        }
         let mut out = Vec::new();
         b.write(&mut out, payload).unwrap();
         self.finish(et, out)

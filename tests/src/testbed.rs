@@ -553,7 +553,7 @@ impl Testbed {
         let dir = xdp_pin_dir(&self.prefix);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         self.xdp_pins = Some(dir.clone());
-        let mut dp = Dataplane::load_pinned(XDP_SIZES, Some(&dir))?;
+        let mut dp = Dataplane::load_at(XDP_SIZES, &dir)?;
         let bridge = self.bridge.as_ref().unwrap();
         attach_pinned(&mut dp, bridge, "lb", "pass", &dir.join("pass-lb"))?;
         for be in self.backends() {

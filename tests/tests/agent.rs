@@ -831,7 +831,14 @@ backends = [{{ address = "198.18.0.2", mac = "{}" }}]
     let entry = conns(&a)?.get(&flow, 0).context("CONNS has the flow")?;
     // A flow the program never saw: only an adopted map can still hold it later.
     let sentinel = flow4(Ipv4Addr::new(198, 18, 0, 98), 1, VIP, 5000, UDP);
-    conns(&a)?.insert(sentinel, ConnVal { backend: 7, vip: 0 }, 0)?;
+    conns(&a)?.insert(
+        sentinel,
+        ConnVal {
+            backend: 7,
+            ..Default::default()
+        },
+        0,
+    )?;
     let map_ids: Vec<u32> = MAP_NAMES
         .iter()
         .map(|m| map_id(&a, m))

@@ -4,7 +4,6 @@
 //! before it ran, or the one being installed, assigns to its flow: never dropped, never a
 //! stale ring (the idle buffer still holds the ring of two installs ago), never anyone else.
 use std::{
-    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -59,28 +58,7 @@ fn config(backends: &[(u8, u32)]) -> Config {
 
 /// The backend address each of the two rings gives every flow, by ring slot.
 fn ring_addresses(cfg: &Config) -> Vec<IpAddr> {
-    let mut ids = BTreeMap::new();
-    for (i, b) in cfg.vips[0].backends.iter().enumerate() {
-        let (addr, family) = addr_raw(b.address);
-        ids.insert(
-            b.address,
-            (
-                i as u32,
-                Backend {
-                    addr,
-                    family,
-                    mac: [0; 6],
-                    state: BACKEND_UP,
-                },
-            ),
-        );
-    }
-    let by_id: BTreeMap<u32, IpAddr> = ids.iter().map(|(a, (id, _))| (*id, *a)).collect();
-    reconcile::build_ring(cfg, &cfg.vips[0], &ids)
-        .unwrap()
-        .into_iter()
-        .map(|id| by_id[&id])
-        .collect()
+    reconcile::ring_addresses(cfg, &cfg.vips[0]).unwrap()
 }
 
 const CONFIGS: usize = 24;

@@ -197,9 +197,9 @@ fn flows_of_a_down_backend_move_to_the_ring_choice_and_conns_is_rewritten() {
 #[test]
 fn a_draining_backend_keeps_its_flows_and_gets_no_new_ones() {
     let mut env = Env::standard();
-    let vip = vip_index(v6(10, 2), 82, UDP); // L2DSR, IPv6 backends 4..7
+    let vip = vip_index(v6(10, 2), 82, UDP); // L2DSR, four IPv6 backends
     let flows = establish(&mut env, vip, 400);
-    let draining = 7;
+    let draining = env.fx.vips[vip].backends[3];
     env.set_backend_state(draining, BACKEND_DRAINING);
     let ring = env.fx.ring(vip);
     assert!(!ring.contains(&draining));

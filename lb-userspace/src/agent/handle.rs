@@ -3,7 +3,10 @@
 use anyhow::{anyhow, bail, Result};
 use serde_json::json;
 
-use super::{pins::pin_dir, Agent};
+use super::{
+    pins::{self, pin_dir},
+    Agent,
+};
 use crate::{
     api::{Request, Response},
     reconcile::{self, Changes},
@@ -60,8 +63,8 @@ impl Agent {
         self.apply(cfg, true, "cli")
     }
 
-    fn backend_id(&self, addr: &std::net::IpAddr) -> Option<u32> {
-        self.applied.backends.get(addr).map(|(id, _)| *id)
+    fn backend_id(&self, vip: &crate::config::VipConfig, addr: &std::net::IpAddr) -> Option<u32> {
+        self.applied.member_id(&reconcile::vip_key(vip), addr)
     }
 
     pub fn handle(&mut self, req: Request) -> Response {
@@ -100,7 +103,7 @@ impl Agent {
                         for b in &v.backends {
                             out.push(json!({
                                 "vip": v.name, "address": b.address, "weight": b.weight,
-                                "drain": b.drain, "mac": b.mac, "id": self.backend_id(&b.address),
+                                "drain": b.drain, "mac": b.mac, "id": self.backend_id(v, &b.address),
                             }));
                         }
                     }
@@ -111,13 +114,14 @@ impl Agent {
                     json!({
                         "instance": self.instance,
                         "config": self.config_path,
-                        "interface": self.cfg.agent.interface,
+                        "interface": pins::attached_interface(&pin_dir(&self.instance))?,
                         "xdp_mode": self.cfg.agent.xdp_mode,
                         "program_id": prog.id(),
-                        "adopted": self.adopted,
+                        "adopted": self.start != super::Start::Fresh,
+                        "start": self.start,
                         "mtu": self.mtu,
                         "vips": self.cfg.vips.len(),
-                        "backends": self.applied.backends.len(),
+                        "backends": self.applied.members.len(),
                         "pins": pin_dir(&self.instance),
                     })
                 }
@@ -136,9 +140,13 @@ impl Agent {
                         }
                     }
                     let mut backends = Vec::new();
-                    for (addr, (id, _)) in &self.applied.backends {
-                        let c = self.dp.backend_counters(*id)?;
-                        backends.push(json!({"address": addr, "id": id, "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows}));
+                    for v in &self.cfg.vips {
+                        for b in &v.backends {
+                            if let Some(id) = self.backend_id(v, &b.address) {
+                                let c = self.dp.backend_counters(id)?;
+                                backends.push(json!({"vip": v.name, "address": b.address, "id": id, "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows}));
+                            }
+                        }
                     }
                     json!({"reasons": reasons, "vips": vips, "backends": backends})
                 }

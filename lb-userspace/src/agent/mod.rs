@@ -10,12 +10,16 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tracing::{error, info};
 
 use crate::{
     config::Config,
-    dataplane::{Dataplane, Sizes},
+    dataplane::{
+        pinned::{self, Pins},
+        Dataplane, Sizes,
+    },
+    migrate,
     reconcile::{self, Applied, Changes},
 };
 
@@ -25,8 +29,8 @@ pub mod pins;
 mod run;
 
 pub use os::{ensure_bpffs, enter_netns, interface_mtu, require_root};
-use pins::{attach_or_adopt, remove_pins};
 pub use pins::{pin_dir, stop};
+use pins::{remove_pins, Attached, InstanceLock};
 pub use run::run;
 
 pub(crate) fn sizes(cfg: &Config) -> Sizes {
@@ -45,7 +49,21 @@ pub struct Agent {
     pub(crate) dp: Dataplane,
     pub(crate) applied: Applied,
     pub(crate) mtu: u32,
-    pub(crate) adopted: bool,
+    /// How this agent found the data plane at start.
+    pub(crate) start: Start,
+    lock: Option<InstanceLock>,
+}
+
+/// How an agent found the data plane when it started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Start {
+    /// Nothing was pinned: maps created, program attached.
+    Fresh,
+    /// Pinned maps adopted as they were, the new program swapped into the link.
+    Adopted,
+    /// Pinned maps of other sizes or layouts migrated to new ones (see `migrate`).
+    Migrated,
 }
 
 impl Agent {
@@ -53,16 +71,52 @@ impl Agent {
         require_root()?;
         let cfg = Config::load(config_path)?;
         ensure_bpffs()?;
+        let lock = pins::lock(instance, std::time::Duration::ZERO)?;
         let dir = pin_dir(instance);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let fresh = !dir.join("link").exists();
+        let t = Instant::now();
         let started = (|| {
+            migrate::recover(&dir, pins::link_program_maps(&dir)?)?;
             let mtu = interface_mtu(&cfg.agent.interface)?;
-            let mut dp = Dataplane::load_pinned(sizes(&cfg), Some(&dir))?;
-            let adopted = attach_or_adopt(&mut dp, &dir, &cfg.agent.interface, cfg.agent.xdp_mode)?;
-            Ok::<_, anyhow::Error>((mtu, dp, adopted))
+            let sizes = sizes(&cfg);
+            let iface = &cfg.agent.interface;
+            let mode = cfg.agent.xdp_mode;
+            match pinned::inspect(&dir, &sizes)? {
+                Pins::None | Pins::Same => {
+                    let mut dp = Dataplane::load_at(sizes, &dir)?;
+                    let how = pins::attach(&mut dp, &dir, iface, mode)?;
+                    let mut applied = reconcile::adopt(&mut dp)?;
+                    let changes = reconcile::reconcile(&mut dp, &cfg, &mut applied, mtu)?;
+                    log_attached(&how);
+                    log_changes(&changes, "start");
+                    let start = if how == Attached::Fresh {
+                        Start::Fresh
+                    } else {
+                        Start::Adopted
+                    };
+                    Ok::<_, anyhow::Error>((mtu, dp, applied, start))
+                }
+                Pins::Differ { pinned, changes } => {
+                    info!(
+                        ?changes,
+                        "the pinned maps differ from this build and config: migrating"
+                    );
+                    let mut how = None;
+                    let (dp, applied, report) =
+                        migrate::migrate(&dir, &pinned, &cfg, sizes, mtu, |dp| {
+                            how = Some(pins::attach(dp, &dir, iface, mode)?);
+                            Ok(())
+                        })?;
+                    log_migrated(&report);
+                    if let Some(how) = how {
+                        log_attached(&how);
+                    }
+                    Ok((mtu, dp, applied, Start::Migrated))
+                }
+            }
         })();
-        let (mtu, mut dp, adopted) = match started {
+        let (mtu, dp, applied, start) = match started {
             Ok(s) => s,
             Err(e) => {
                 // Nothing was running before: leave nothing behind either.
@@ -72,20 +126,15 @@ impl Agent {
                 return Err(e);
             }
         };
-        let mut applied = reconcile::adopt(&mut dp)?;
-        let t = Instant::now();
-        let changes = reconcile::reconcile(&mut dp, &cfg, &mut applied, mtu)?;
         info!(
             instance,
             interface = %cfg.agent.interface,
-            adopted,
+            ?start,
             mtu,
             vips = cfg.vips.len(),
             ms = t.elapsed().as_millis() as u64,
-            "data plane ready{}",
-            if adopted { " (adopted pinned maps and link)" } else { "" }
+            "data plane ready"
         );
-        log_changes(&changes, "start");
         Ok(Agent {
             instance: instance.into(),
             config_path: config_path.into(),
@@ -93,15 +142,42 @@ impl Agent {
             dp,
             applied,
             mtu,
-            adopted,
+            start,
+            lock: Some(lock),
         })
     }
 
+    /// Let go of the instance (at exit): the lock file goes, the data plane stays.
+    pub fn release(&mut self) {
+        if let Some(l) = self.lock.take() {
+            l.release();
+        }
+    }
+
     /// Validate, apply, then persist; on any failure the maps go back to the old config.
+    /// New sizes migrate the data plane; a new interface moves the program there.
     fn apply(&mut self, new: Config, persist: bool, why: &str) -> Result<Changes> {
         new.validate().map_err(|e| anyhow!("{e}"))?;
+        let dir = pin_dir(&self.instance);
+        let moved = new.agent.interface != self.cfg.agent.interface;
+        let mtu = if moved {
+            interface_mtu(&new.agent.interface)?
+        } else {
+            self.mtu
+        };
+        if sizes(&new).normalized() != self.dp.sizes {
+            return self.migrate_to(new, mtu, persist, why);
+        }
         let old = self.cfg.clone();
-        let result = reconcile::reconcile(&mut self.dp, &new, &mut self.applied, self.mtu)
+        let result = reconcile::reconcile(&mut self.dp, &new, &mut self.applied, mtu)
+            .and_then(|c| {
+                if moved {
+                    let how =
+                        pins::attach(&mut self.dp, &dir, &new.agent.interface, new.agent.xdp_mode)?;
+                    log_attached(&how);
+                }
+                Ok(c)
+            })
             .and_then(|c| {
                 if persist {
                     new.save(&self.config_path).map(|_| c)
@@ -112,6 +188,7 @@ impl Agent {
         match result {
             Ok(changes) => {
                 self.cfg = new;
+                self.mtu = mtu;
                 log_changes(&changes, why);
                 Ok(changes)
             }
@@ -124,6 +201,30 @@ impl Agent {
                 Err(e)
             }
         }
+    }
+
+    /// New map sizes in a running agent: migrate to maps of those sizes (see `migrate`).
+    fn migrate_to(&mut self, new: Config, mtu: u32, persist: bool, why: &str) -> Result<Changes> {
+        let dir = pin_dir(&self.instance);
+        let sizes = sizes(&new);
+        let Pins::Differ { pinned, changes } = pinned::inspect(&dir, &sizes)? else {
+            bail!("the pinned maps already have the new sizes");
+        };
+        info!(why, ?changes, "new map sizes: migrating");
+        let (iface, mode) = (new.agent.interface.clone(), new.agent.xdp_mode);
+        let (dp, applied, report) = migrate::migrate(&dir, &pinned, &new, sizes, mtu, |dp| {
+            log_attached(&pins::attach(dp, &dir, &iface, mode)?);
+            Ok(())
+        })?;
+        log_migrated(&report);
+        self.dp = dp;
+        self.applied = applied;
+        self.mtu = mtu;
+        if persist {
+            new.save(&self.config_path)?;
+        }
+        self.cfg = new;
+        Ok(Changes::default())
     }
 
     pub fn reload(&mut self) {
@@ -152,4 +253,28 @@ fn log_changes(c: &Changes, why: &str) {
         rings_rebuilt = c.rings_rebuilt,
         "maps updated"
     );
+}
+
+fn log_attached(how: &Attached) {
+    match how {
+        Attached::Fresh => info!("program attached"),
+        Attached::Swapped => info!("program swapped into the pinned link"),
+        Attached::Moved { from } => info!(from = %from, "program moved to the new interface"),
+    }
+}
+
+fn log_migrated(r: &migrate::Report) {
+    info!(
+        conns_copied = r.conns_copied,
+        conns_late = r.conns_late,
+        conns_dropped = r.conns_dropped,
+        "migrated to the new maps"
+    );
+    if r.conns_dropped > 0 {
+        tracing::warn!(
+            dropped = r.conns_dropped,
+            "the new connection table is smaller than the old one's entries: the least \
+             recently used were not copied (their flows follow the ring)"
+        );
+    }
 }

@@ -81,6 +81,7 @@ pub fn run(config: &Path, instance: &str) -> Result<()> {
         // Let the last answer reach its client before the runtime goes.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let _ = std::fs::remove_file(&sock);
+        agent.release();
         Ok(())
     })
 }

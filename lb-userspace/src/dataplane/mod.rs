@@ -16,44 +16,24 @@ use aya::{
 };
 use lb_common::*;
 
+mod maps;
+pub mod pinned;
 pub mod sys;
+
+pub use maps::{spec_of, Capacity, MapSpec, Sizes, MAPS, MAP_NAMES, NO_COMMON_LRU};
+
+/// Kernel description of a loaded map.
+fn map_info(map: &aya::maps::Map) -> Result<aya::maps::MapInfo> {
+    use aya::maps::Map::*;
+    let d = match map {
+        Array(d) | HashMap(d) | LruHashMap(d) | PerCpuArray(d) => d,
+        _ => bail!("unexpected map type"),
+    };
+    Ok(d.info()?)
+}
 
 /// The compiled `lb-ebpf` object (built by `build.rs`).
 pub static OBJECT: &[u8] = include_bytes_aligned!(env!("LB_EBPF_OBJ"));
-
-/// Map capacities, fixed when the object is loaded.
-#[derive(Clone, Copy, Debug)]
-pub struct Sizes {
-    pub max_vips: u32,
-    pub max_backends: u32,
-    pub max_conns: u32,
-    /// Slots reserved per ring: the largest ring size any VIP may use, rounded up to even
-    /// by [`Dataplane::load`] (so that no `RINGS` element holds slots of two rings).
-    pub ring_stride: u32,
-}
-
-impl Default for Sizes {
-    fn default() -> Self {
-        Sizes {
-            max_vips: MAX_VIPS,
-            max_backends: MAX_BACKENDS,
-            max_conns: MAX_CONNS,
-            ring_stride: DEFAULT_RING_SIZE,
-        }
-    }
-}
-
-impl Sizes {
-    /// Elements of `RINGS` (two slots each): kernel memory `max_vips * 2 * ring_stride * 4`
-    /// bytes, with `ring_stride` even.
-    pub fn ring_entries(&self) -> Result<u32> {
-        self.max_vips
-            .checked_mul(RINGS_PER_VIP)
-            .and_then(|n| n.checked_mul(self.ring_stride))
-            .map(|n| n / 2)
-            .ok_or_else(|| anyhow!("max_vips * 2 * ring_stride overflows u32"))
-    }
-}
 
 /// Raw address words and family of an IP address (the form every map key uses).
 pub fn addr_raw(ip: IpAddr) -> ([u32; 4], u8) {
@@ -102,77 +82,46 @@ pub struct Dataplane {
     pub vip_stats: PerCpuArray<MapData, Counters>,
     pub be_stats: PerCpuArray<MapData, Counters>,
     pub decap_stats: PerCpuArray<MapData, u64>,
-    /// Second handles on `RINGS` and `BACKENDS` for batch operations (aya 0.14 has none).
+    pub layout: HashMap<MapData, [u8; 16], layout::MapLayout>,
+    /// Second handles on `RINGS`, `BACKENDS` and `CONNS` for batch operations (aya 0.14 has
+    /// none).
     rings_fd: OwnedFd,
     backends_fd: OwnedFd,
+    conns_fd: OwnedFd,
     /// A private map-of-maps whose update waits for an RCU grace period.
     grace: Option<(OwnedFd, OwnedFd)>,
 }
 
-/// Every map of the object: the name it is pinned under, and the key and value sizes this
-/// build expects of it (a pinned map of another layout is refused, not adopted).
-pub const MAPS: [(&str, usize, usize); 12] = {
-    use std::mem::size_of;
-    [
-        ("VIPS", size_of::<VipKey>(), size_of::<VipMeta>()),
-        ("VIP_ADDRS", size_of::<AddrKey>(), size_of::<u32>()),
-        ("VIP_FILTER", 4, size_of::<u64>()),
-        ("VIP_INFO", 4, size_of::<VipInfo>()),
-        ("RINGS", 4, size_of::<[u32; 2]>()),
-        ("BACKENDS", 4, size_of::<Backend>()),
-        ("CONNS", size_of::<FlowKey>(), size_of::<ConnVal>()),
-        ("CONFIG", 4, size_of::<Config>()),
-        ("STATS", 4, size_of::<u64>()),
-        ("VIP_STATS", 4, size_of::<Counters>()),
-        ("BE_STATS", 4, size_of::<Counters>()),
-        ("DECAP_STATS", 4, size_of::<u64>()),
-    ]
-};
-
-/// The names of [`MAPS`].
-pub const MAP_NAMES: [&str; MAPS.len()] = {
-    let mut names = [""; MAPS.len()];
-    let mut i = 0;
-    while i < MAPS.len() {
-        names[i] = MAPS[i].0;
-        i += 1;
-    }
-    names
-};
-
 impl Dataplane {
-    /// Load the object with the given capacities and load (verify) every program.
+    /// Load the object with the given capacities and load (verify) every program; maps
+    /// are created and not pinned (tests, benchmarks, the backends' `decap`).
     pub fn load(sizes: Sizes) -> Result<Self> {
-        Self::load_pinned(sizes, None)
+        Self::load_with(sizes, None)
     }
 
     /// As [`Dataplane::load`], with every map pinned under `pin_dir`: maps already pinned
-    /// there are reused as they are (contents and sizes), the others are created and pinned.
-    pub fn load_pinned(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Self> {
-        let sizes = Sizes {
-            ring_stride: (sizes.ring_stride + 1) & !1,
-            ..sizes
-        };
+    /// there are reused as they are (the caller has checked them with
+    /// [`pinned::inspect`]), the others are created and pinned. `LAYOUT` is written.
+    pub fn load_at(sizes: Sizes, pin_dir: &Path) -> Result<Self> {
+        Self::load_with(sizes, Some(pin_dir))
+    }
+
+    fn load_with(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Self> {
+        let sizes = sizes.normalized();
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, std::path::PathBuf)> = match pin_dir {
-            Some(d) => MAPS.iter().map(|(n, ..)| (*n, d.join(n))).collect(),
+            Some(d) => MAPS.iter().map(|m| (m.name, d.join(m.name))).collect(),
             None => Vec::new(),
         };
-        for ((name, path), &(_, key, value)) in paths.iter().zip(&MAPS) {
-            check_pinned_layout(path, key, value)?;
+        for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader
-            .map_max_entries("VIPS", sizes.max_vips)
-            .map_max_entries("VIP_ADDRS", sizes.max_vips)
-            .map_max_entries("VIP_STATS", sizes.max_vips)
-            .map_max_entries("VIP_INFO", sizes.max_vips)
-            .map_max_entries("RINGS", sizes.ring_entries()?)
-            .map_max_entries("BACKENDS", sizes.max_backends)
-            .map_max_entries("BE_STATS", sizes.max_backends)
-            .map_max_entries("CONNS", sizes.max_conns)
-            .load(OBJECT)
-            .context("loading the lb-ebpf object")?;
+        for m in &MAPS {
+            if !matches!(m.capacity, Capacity::Fixed(_)) {
+                loader.map_max_entries(m.name, sizes.entries(m.capacity)?);
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).context("loading the lb-ebpf object")?;
         for name in ["lb", "decap", "pass", "floor"] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -181,58 +130,83 @@ impl Dataplane {
             prog.load()
                 .with_context(|| format!("verifier rejected program {name}"))?;
         }
-        // A map missing from MAP_NAMES would silently not be pinned, and a restarted agent
-        // would get a fresh, empty one: refuse instead.
-        if let Some((name, _)) = ebpf.maps().find(|(n, _)| !MAP_NAMES.contains(n)) {
-            bail!("map {name} of the object is missing from MAP_NAMES");
+        // The table must describe the object exactly: a map missing from it would not be
+        // pinned (a restarted agent would get a fresh, empty one), a wrong size would make
+        // every later comparison with the pins wrong.
+        for (name, map) in ebpf.maps() {
+            let Some(spec) = spec_of(name) else {
+                bail!("map {name} of the object is missing from dataplane::MAPS");
+            };
+            let info = map_info(map)?;
+            let entries = sizes.entries(spec.capacity)?;
+            let got = (
+                info.map_type()? as u32,
+                info.key_size(),
+                info.value_size(),
+                info.map_flags(),
+                info.max_entries(),
+            );
+            let want = (
+                spec.map_type,
+                spec.key_size,
+                spec.value_size,
+                spec.flags,
+                entries,
+            );
+            if got != want {
+                bail!(
+                    "map {name} is (type, key, value, flags, entries) {got:?}, dataplane::MAPS                      says {want:?}"
+                );
+            }
         }
         fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from object"))
         }
-        fn array_fd(map: &aya::maps::Map) -> Result<OwnedFd> {
+        fn fd_of(map: &aya::maps::Map) -> Result<OwnedFd> {
             match map {
-                aya::maps::Map::Array(d) => Ok(d.fd().as_fd().try_clone_to_owned()?),
-                _ => bail!("not an array map"),
+                aya::maps::Map::Array(d) | aya::maps::Map::LruHashMap(d) => {
+                    Ok(d.fd().as_fd().try_clone_to_owned()?)
+                }
+                _ => bail!("no batch handle for this map type"),
             }
         }
         let rings = take(&mut ebpf, "RINGS")?;
-        let rings_fd = array_fd(&rings)?;
+        let rings_fd = fd_of(&rings)?;
         let backends = take(&mut ebpf, "BACKENDS")?;
-        let backends_fd = array_fd(&backends)?;
-        // A reused (pinned) map keeps its own sizes: report those.
-        let sizes = Sizes {
-            ring_stride: match &rings {
-                aya::maps::Map::Array(d) => {
-                    let n = d.info()?.max_entries();
-                    if n % sizes.max_vips != 0 {
-                        bail!("pinned RINGS has {n} entries, not a multiple of max_vips");
-                    }
-                    n / sizes.max_vips
-                }
-                _ => sizes.ring_stride,
-            },
-            ..sizes
-        };
-        Ok(Dataplane {
+        let backends_fd = fd_of(&backends)?;
+        let conns = take(&mut ebpf, "CONNS")?;
+        let conns_fd = fd_of(&conns)?;
+        let mut dp = Dataplane {
             grace: None,
             rings_fd,
             backends_fd,
+            conns_fd,
             vips: HashMap::try_from(take(&mut ebpf, "VIPS")?)?,
             vip_addrs: HashMap::try_from(take(&mut ebpf, "VIP_ADDRS")?)?,
             vip_filter: Array::try_from(take(&mut ebpf, "VIP_FILTER")?)?,
             vip_info: Array::try_from(take(&mut ebpf, "VIP_INFO")?)?,
             rings: Array::try_from(rings)?,
             backends: Array::try_from(backends)?,
-            conns: HashMap::try_from(take(&mut ebpf, "CONNS")?)?,
+            conns: HashMap::try_from(conns)?,
             config: Array::try_from(take(&mut ebpf, "CONFIG")?)?,
             stats: PerCpuArray::try_from(take(&mut ebpf, "STATS")?)?,
             vip_stats: PerCpuArray::try_from(take(&mut ebpf, "VIP_STATS")?)?,
             be_stats: PerCpuArray::try_from(take(&mut ebpf, "BE_STATS")?)?,
             decap_stats: PerCpuArray::try_from(take(&mut ebpf, "DECAP_STATS")?)?,
+            layout: HashMap::try_from(take(&mut ebpf, "LAYOUT")?)?,
             ebpf,
             sizes,
-        })
+        };
+        for m in &MAPS {
+            let key = layout::key(m.name);
+            if dp.layout.get(&key, 0).ok() != Some(m.layout) {
+                dp.layout
+                    .insert(key, m.layout, 0)
+                    .context("writing LAYOUT")?;
+            }
+        }
+        Ok(dp)
     }
 
     /// One of the loaded programs: `lb`, `decap`, `pass` or `floor`.
@@ -278,7 +252,7 @@ impl Dataplane {
             .map(|c| [c[0], *c.get(1).unwrap_or(&0)])
             .collect();
         let keys: Vec<u32> = (base / 2..base / 2 + pairs.len() as u32).collect();
-        sys::update_batch(&self.rings_fd, &keys, &pairs).context("writing RINGS")?;
+        sys::update_batch(&self.rings_fd, &keys, &pairs, 0).context("writing RINGS")?;
         Ok(base)
     }
 
@@ -311,6 +285,48 @@ impl Dataplane {
     /// Every `BACKENDS` entry, by id, in one batch.
     pub fn read_backends(&self) -> Result<Vec<Backend>> {
         sys::lookup_batch(&self.backends_fd, 0, self.sizes.max_backends).context("reading BACKENDS")
+    }
+
+    /// Every connection-table entry (`BPF_MAP_LOOKUP_BATCH`, a few thousand per call).
+    pub fn read_conns(&self) -> Result<Vec<(FlowKey, ConnVal)>> {
+        sys::dump_hash(&self.conns_fd, 4096).context("reading CONNS")
+    }
+
+    /// Delete every connection entry `doomed` picks; returns how many went.
+    pub fn sweep_conns(&mut self, doomed: impl Fn(&ConnVal) -> bool) -> Result<usize> {
+        let keys: Vec<FlowKey> = self
+            .read_conns()?
+            .into_iter()
+            .filter(|(_, v)| doomed(v))
+            .map(|(k, _)| k)
+            .collect();
+        sys::delete_keys(&self.conns_fd, &keys).context("deleting from CONNS")
+    }
+
+    /// Insert connection entries, the most recently used last (if they do not all fit, the
+    /// LRU keeps those). With `only_missing`, an entry already in the table is left alone.
+    ///
+    /// `CONNS` keeps one LRU list per CPU (`BPF_F_NO_COMMON_LRU`) and an insert takes its
+    /// element from the inserting CPU's share (`max_conns / ncpus`): so the entries are
+    /// inserted from every CPU in turn, a share each, or most would evict each other.
+    pub fn insert_conns(
+        &mut self,
+        mut entries: Vec<(FlowKey, ConnVal)>,
+        only_missing: bool,
+    ) -> Result<usize> {
+        entries.sort_by_key(|(_, v)| v.atime);
+        let cpus = aya::util::online_cpus().map_err(|(_, e)| e)?;
+        let chunk = entries.len().div_ceil(cpus.len().max(1)).max(1);
+        let mut inserted = 0;
+        let flags = if only_missing { sys::BPF_NOEXIST } else { 0 };
+        for (part, cpu) in entries.chunks(chunk).zip(cpus.iter().cycle()) {
+            let (keys, values): (Vec<FlowKey>, Vec<ConnVal>) = part.iter().copied().unzip();
+            inserted += sys::on_cpu(*cpu, || {
+                sys::update_batch(&self.conns_fd, &keys, &values, flags)
+            })
+            .context("writing CONNS")??;
+        }
+        Ok(inserted)
     }
 
     /// Which of a VIP's two ring buffers a `ring_base` names.
@@ -396,27 +412,6 @@ impl Dataplane {
     }
 }
 
-/// A map pinned by an earlier build must have this build's layout, or adopting it would
-/// let the program misread every entry: refuse with what to do instead.
-fn check_pinned_layout(path: &Path, k: usize, v: usize) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let info = MapData::from_pin(path)
-        .with_context(|| format!("opening pinned map {}", path.display()))?
-        .info()?;
-    if (info.key_size() as usize, info.value_size() as usize) != (k, v) {
-        bail!(
-            "pinned map {} has {}-byte keys and {}-byte values, this build expects {k} and {v}: \
-             an incompatible upgrade; `lb agent --stop` first (the connection table is lost)",
-            path.display(),
-            info.key_size(),
-            info.value_size()
-        );
-    }
-    Ok(())
-}
-
 /// What `VIP_INFO` holds for a live VIP.
 pub fn vip_info(key: &VipKey, meta: &VipMeta) -> VipInfo {
     VipInfo {
@@ -433,38 +428,4 @@ fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
         bytes: a.bytes + c.bytes,
         new_flows: a.new_flows + c.new_flows,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_pinned_map_of_another_layout_is_refused_not_adopted() {
-        crate::agent::ensure_bpffs().unwrap();
-        let dir =
-            std::path::PathBuf::from(format!("/sys/fs/bpf/lbtest-layout-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        // A connection table from a build whose values were 16 bytes.
-        let old = aya::maps::HashMap::<MapData, [u8; 40], [u8; 16]>::create(1024, 0).unwrap();
-        old.pin(dir.join("CONNS")).unwrap();
-        let sizes = Sizes {
-            max_vips: 4,
-            max_backends: 16,
-            max_conns: 1024,
-            ring_stride: 7,
-        };
-        let err = Dataplane::load_pinned(sizes, Some(&dir))
-            .err()
-            .map(|e| format!("{e:#}"));
-        for e in std::fs::read_dir(&dir).unwrap() {
-            std::fs::remove_file(e.unwrap().path()).unwrap();
-        }
-        std::fs::remove_dir(&dir).unwrap();
-        let err = err.expect("an incompatible pinned map was adopted");
-        assert!(
-            err.contains("CONNS") && err.contains("incompatible upgrade"),
-            "{err}"
-        );
-    }
 }

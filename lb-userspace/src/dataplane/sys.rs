@@ -13,6 +13,7 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 pub fn map_create(
     map_type: u32,
@@ -105,26 +106,65 @@ pub fn lookup_batch<V: Copy + Default>(map: &OwnedFd, base: u32, len: u32) -> Re
     Ok(values)
 }
 
-/// `BPF_MAP_UPDATE_BATCH` of `u32` keys and `V` values (kernel 5.6+, arrays and hashes).
-pub fn update_batch<V>(map: &OwnedFd, keys: &[u32], values: &[V]) -> Result<()> {
+/// `BPF_MAP_UPDATE_BATCH` of `keys` and `values` (kernel 5.6+, arrays and hashes), with
+/// `elem_flags` (`BPF_NOEXIST`: keys already present are skipped). Returns how many were
+/// written.
+pub fn update_batch<K, V>(
+    map: &OwnedFd,
+    keys: &[K],
+    values: &[V],
+    elem_flags: u64,
+) -> Result<usize> {
     assert_eq!(keys.len(), values.len());
-    let mut done = 0;
+    let (mut done, mut written) = (0, 0);
     while done < keys.len() {
         let mut attr = BatchAttr {
             keys: keys[done..].as_ptr() as u64,
             values: values[done..].as_ptr() as u64,
             count: (keys.len() - done) as u32,
             map_fd: map.as_raw_fd() as u32,
+            elem_flags,
             ..Default::default()
         };
         let r = sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
         // On success or partial progress the kernel reports how many it wrote.
-        if attr.count == 0 {
-            r?;
-        }
         done += attr.count as usize;
+        written += attr.count as usize;
+        match r {
+            Ok(_) => {}
+            Err(e) if elem_flags == BPF_NOEXIST && e.raw_os_error() == Some(libc::EEXIST) => {
+                done += 1
+            }
+            // Partial progress: go on with the rest (a lasting error repeats with count 0).
+            Err(_) if attr.count > 0 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
-    Ok(())
+    Ok(written)
+}
+
+/// `BPF_NOEXIST`: create only.
+pub const BPF_NOEXIST: u64 = 1;
+
+/// Run `f` on CPU `cpu` (the calling thread is pinned there for the call, then restored).
+pub fn on_cpu<T>(cpu: u32, f: impl FnOnce() -> T) -> Result<T> {
+    unsafe {
+        let mut old: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) != 0 {
+            bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+        }
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut one);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) != 0 {
+            bail!(
+                "sched_setaffinity({cpu}): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let r = f();
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &old);
+        Ok(r)
+    }
 }
 
 /// `BPF_MAP_UPDATE_ELEM` of one element (for maps aya has no type for: map-of-maps).
@@ -146,4 +186,115 @@ pub fn update_elem<K, V>(map: &OwnedFd, key: &K, value: &V) -> Result<()> {
     };
     sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr)?;
     Ok(())
+}
+
+/// Every (key, value) of a hash map, `chunk` at a time (`BPF_MAP_LOOKUP_BATCH`; the kernel's
+/// batch token is a bucket index, and a bucket never holds more than `chunk` entries here).
+pub fn dump_hash<K: Copy + Default, V: Copy + Default>(
+    map: &OwnedFd,
+    chunk: usize,
+) -> Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    let mut keys = vec![K::default(); chunk];
+    let mut values = vec![V::default(); chunk];
+    let (mut token, mut first) = (0u32, true);
+    loop {
+        let mut next = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &token as *const u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = attr.count as usize;
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match r {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
+        }
+        token = next;
+        first = false;
+    }
+}
+
+/// Delete `keys` from a hash map (`BPF_MAP_DELETE_BATCH`); keys already gone are skipped.
+/// Returns how many were deleted.
+pub fn delete_keys<K>(map: &OwnedFd, keys: &[K]) -> Result<usize> {
+    let mut deleted = 0;
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            count: (keys.len() - done) as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = sys_bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        deleted += attr.count as usize;
+        done += attr.count as usize;
+        match r {
+            Ok(_) => {}
+            // The key at `done` vanished since it was read (LRU eviction, the program
+            // overwrote and we raced): skip it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => done += 1,
+            Err(e) => return Err(e).context("BPF_MAP_DELETE_BATCH"),
+        }
+    }
+    Ok(deleted)
+}
+
+/// The interface index an XDP link is attached to (`bpf_link_info.xdp.ifindex`; aya 0.14's
+/// `LinkInfo` does not expose it).
+pub fn xdp_link_ifindex(link: std::os::fd::BorrowedFd<'_>) -> Result<u32> {
+    // struct bpf_link_info: type, id, prog_id, then a union at offset 16 whose `xdp` member
+    // starts with `ifindex`.
+    let mut info = [0u64; 16];
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
+    const BPF_LINK_TYPE_XDP: u64 = 6;
+    if info[0] & 0xffff_ffff != BPF_LINK_TYPE_XDP {
+        bail!("not an XDP link");
+    }
+    Ok((info[2] & 0xffff_ffff) as u32)
+}
+
+/// `BPF_OBJ_GET`: a new file descriptor for what is pinned at `path`.
+pub fn obj_get(path: &std::path::Path) -> Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    #[repr(C)]
+    struct GetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut attr = GetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let fd =
+        sys_bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("opening {}", path.display()))?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
