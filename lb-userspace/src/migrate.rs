@@ -3,7 +3,7 @@
 //! `max_backends`, `max_conns`, `ring_size`) or this build's map layouts differ from what
 //! is pinned. (Katran only reuses maps that did not change; everything else starts empty.)
 //!
-//! 1. A complete new set of maps is created, pinned in `<pins>/.next/`, and filled from the
+//! 1. A complete new set of maps is created, pinned in `<pins>/next/`, and filled from the
 //!    config like a fresh start, except that VIPs and backends keep their old ids where
 //!    those fit (so rings, counters and entries mean the same things).
 //! 2. Connection entries are copied over, translated through what they name (VIP key,
@@ -13,11 +13,11 @@
 //! 4. After an RCU grace period no packet can still be in the old program: entries it made
 //!    since step 2 are copied (those the new program has not made itself), and its counters
 //!    are added to the new ones.
-//! 5. The new pins are renamed over the old ones (one rename each) and `.next` removed.
+//! 5. The new pins are renamed over the old ones (one rename each) and `next/` removed.
 //!
 //! Before step 3 nothing the old program uses has changed: a failure there leaves the
 //! running data plane as it was. A crash between 3 and 5 is finished by the next start
-//! ([`recover`]): the link then runs a program that uses the `.next` maps.
+//! ([`recover`]): the link then runs a program that uses the `next/` maps.
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
@@ -54,9 +54,10 @@ struct ConnValV1 {
     vip: u32,
 }
 
-/// Where the new maps wait until they replace the old pins.
+/// Where the new maps wait until they replace the old pins (bpffs refuses names with a
+/// dot).
 pub fn staging(dir: &Path) -> PathBuf {
-    dir.join(".next")
+    dir.join("next")
 }
 
 /// What the old maps say, read through their pins.
@@ -320,7 +321,7 @@ fn add_counters(dir: &Path, old: &Old, applied: &Applied, dp: &mut Dataplane) ->
     Ok(())
 }
 
-/// Rename every map pinned in `.next` over its old pin, then remove `.next`.
+/// Rename every map pinned in `next/` over its old pin, then remove `next/`.
 fn commit(dir: &Path) -> Result<()> {
     let next = staging(dir);
     for m in &MAPS {
@@ -342,7 +343,7 @@ fn remove_dir(d: &Path) {
     let _ = std::fs::remove_dir(d);
 }
 
-/// At start: a `.next` left by a migration that did not finish. If the link already runs
+/// At start: a `next/` left by a migration that did not finish. If the link already runs
 /// a program on those maps, finish the migration (rename them into place); otherwise it
 /// never got that far: remove them (the old maps are still the live ones).
 pub fn recover(dir: &Path, link_prog_maps: Option<Vec<u32>>) -> Result<()> {

@@ -608,6 +608,8 @@ pub struct Agent {
     log: PathBuf,
     child: Option<Child>,
     own_process_group: bool,
+    /// The `lb` binary to run (default: this build's).
+    bin: Option<PathBuf>,
 }
 
 impl Agent {
@@ -633,7 +635,14 @@ impl Agent {
             log: std::env::temp_dir().join(format!("{instance}.log")),
             child: None,
             own_process_group: false,
+            bin: None,
         }
+    }
+
+    /// Run another `lb` binary from the next [`Agent::spawn`] on (`None`: this build's),
+    /// e.g. an earlier release to upgrade from.
+    pub fn set_binary(&mut self, bin: Option<PathBuf>) {
+        self.bin = bin;
     }
 
     /// Start the process in a process group of its own, so that it outlives a Ctrl-C or
@@ -680,7 +689,11 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
-        let mut cmd = Command::new(find_lb_bin()?);
+        let bin = match &self.bin {
+            Some(b) => b.clone(),
+            None => find_lb_bin()?,
+        };
+        let mut cmd = Command::new(bin);
         cmd.args(["agent", "--config"])
             .arg(&self.config)
             .args(["--instance", &self.instance, "--netns", &self.netns])

@@ -190,7 +190,7 @@ pub fn attach(dp: &mut Dataplane, dir: &Path, iface: &str, mode: XdpMode) -> Res
             let old =
                 FdLink::from(PinnedLink::from_pin(&link_pin).context("opening the pinned link")?);
             let new = attach_new(dp, iface, mode)?;
-            let tmp = dir.join("link.next");
+            let tmp = dir.join("link_next");
             let _ = std::fs::remove_file(&tmp);
             drop(new.pin(&tmp).context("pinning the new link")?);
             std::fs::rename(&tmp, &link_pin).context("replacing the link pin")?;
@@ -237,12 +237,12 @@ pub fn stop(instance: &str) -> Result<()> {
     Ok(())
 }
 
-/// Remove the map and program pins of an instance, a migration's `.next`, and the
+/// Remove the map and program pins of an instance, a migration's `next/`, and the
 /// directory (not the link).
 pub fn remove_pins(dir: &Path) {
     let next = migrate::staging(dir);
     for d in [next.as_path(), dir] {
-        for name in MAP_NAMES.iter().chain(&["lb", "link.next"]) {
+        for name in MAP_NAMES.iter().chain(&["lb", "link_next"]) {
             let _ = std::fs::remove_file(d.join(name));
         }
         let _ = std::fs::remove_dir(d);
