@@ -7,7 +7,7 @@
 //! userspace can predict the backend of any flow.
 //!
 //! The data-plane behaviour these maps drive is specified in `docs/dataplane.md`.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// UDP destination port of our GUE (IP in UDP, "variant 1": no GUE header) encapsulation.
 pub const GUE_PORT: u16 = 6080;
@@ -664,5 +664,79 @@ mod tests {
         k = base;
         k.src[0] ^= 1;
         assert_ne!(flow_hash(7, &base, true), flow_hash(7, &k, true));
+    }
+
+    #[test]
+    fn flow_hash_is_murmur3_of_the_flow_s_wire_bytes() {
+        let k = FlowKey {
+            src: [0x0a00_0001, 0x1234_5678, 0x9abc_def0, 0x0fed_cba9],
+            dst: [0x0b00_0001, 7, 8, 9],
+            sport: 0x1234,
+            dport: 0x5000,
+            proto: PROTO_UDP,
+            family: FAMILY_V6,
+            _pad: [0; 2],
+        };
+        let words = |w: &[u32]| w.iter().flat_map(|x| x.to_ne_bytes()).collect::<Vec<u8>>();
+        let mut all = words(&k.src);
+        all.extend(words(&k.dst));
+        all.extend(k.sport.to_ne_bytes());
+        all.extend(k.dport.to_ne_bytes());
+        all.extend([k.proto, 0, 0, 0]);
+        assert_eq!(flow_hash(99, &k, false), murmur3_32(&all, 99));
+        assert_eq!(flow_hash(99, &k, true), murmur3_32(&words(&k.src), 99));
+        let k4 = FlowKey {
+            family: FAMILY_V4,
+            ..k
+        };
+        let mut all = words(&k.src[..1]);
+        all.extend(words(&k.dst[..1]));
+        all.extend(k.sport.to_ne_bytes());
+        all.extend(k.dport.to_ne_bytes());
+        all.extend([k.proto, 0, 0, 0]);
+        assert_eq!(flow_hash(99, &k4, false), murmur3_32(&all, 99));
+        assert_eq!(
+            flow_hash(99, &k4, true),
+            murmur3_32(&words(&k.src[..1]), 99)
+        );
+    }
+
+    /// The shape of a struct lists every field: their sizes add up to the struct's.
+    #[test]
+    fn every_layout_shape_lists_every_field() {
+        use core::mem::size_of_val;
+        macro_rules! fields_cover {
+            ($v:expr; $($f:ident),+) => {{
+                let v = $v;
+                let sum = 0 $(+ size_of_val(&v.$f))+;
+                assert_eq!(sum, size_of_val(&v), stringify!($v));
+            }};
+        }
+        fields_cover!(VipKey::default(); addr, port, proto, family);
+        fields_cover!(VipMeta::default(); id, ring_base, ring_size, forwarding, flags, _pad);
+        fields_cover!(AddrKey::default(); addr, family, _pad);
+        fields_cover!(Backend::default(); addr, mac, family, state, vip);
+        fields_cover!(FlowKey::default(); src, dst, sport, dport, proto, family, _pad);
+        fields_cover!(ConnVal::default(); backend, vip, flags, _pad, atime);
+        fields_cover!(VipInfo::default(); key, forwarding, live, _pad);
+        fields_cover!(Config::default(); hash_seed, mtu, src4, src4_mask, src6, src6_mask, gw_mac, _pad);
+        fields_cover!(Counters::default(); packets, bytes, new_flows);
+        // And a reordering changes the shape.
+        #[allow(dead_code)]
+        #[repr(C)]
+        struct Swapped {
+            dport: u16,
+            sport: u16,
+        }
+        #[allow(dead_code)]
+        #[repr(C)]
+        struct Straight {
+            sport: u16,
+            dport: u16,
+        }
+        assert_ne!(
+            crate::shape!(Swapped; dport, sport),
+            crate::shape!(Straight; sport, dport)
+        );
     }
 }
