@@ -516,3 +516,186 @@ fn vip_with_an_empty_ring_drops_new_flows_with_no_backend() {
         "established, ring empty",
     );
 }
+
+/// Send one segment of the flow (a SYN if `syn`, else an ACK); require it forwarded to
+/// backend `want`; return whether it counted as a new flow.
+#[track_caller]
+fn tcp_expect(env: &mut Env, vip: usize, client: IpAddr, sport: u16, syn: bool, want: u32) -> bool {
+    let v = env.fx.vips[vip].clone();
+    let input = Opts::default()
+        .with_syn(syn)
+        .tcp(client, sport, v.addr, v.port, b"x");
+    let fl = flow_of(env, vip, client, sport);
+    let before = env.dp.vip_counters(vip as u32).unwrap().new_flows;
+    let (run, reason) = env.lb(&input);
+    let what = if syn { "SYN" } else { "ACK" };
+    assert_eq!((run.action, reason), (XDP_TX, Reason::TxForward), "{what}");
+    if run.frame != env.expected_forward(vip, want, &fl, &input) {
+        let got = (0..env.fx.backends.len() as u32)
+            .find(|&b| run.frame == env.expected_forward(vip, b, &fl, &input));
+        panic!("{what} of {client}:{sport}: went to backend {got:?}, want {want}");
+    }
+    env.dp.vip_counters(vip as u32).unwrap().new_flows > before
+}
+
+#[test]
+fn a_syn_follows_the_ring_even_when_its_ports_name_an_entry_on_a_draining_backend() {
+    let mut env = Env::standard();
+    let vip = vip_index(v4(10, 1), 80, TCP);
+    let flows = establish(&mut env, vip, 400);
+    let draining = env.fx.vips[vip].backends[3];
+    env.set_backend_state(draining, BACKEND_DRAINING);
+    let ring = env.fx.ring(vip);
+    assert!(!ring.contains(&draining));
+    env.set_ring(vip, &ring);
+    let mut on_draining = 0;
+    for &(client, sport, b) in &flows {
+        // The established connection goes on where it was, draining or not.
+        assert!(!tcp_expect(&mut env, vip, client, sport, false, b));
+        // The client opens a new connection from the same port: a new flow on the ring.
+        let fl = flow_of(&env, vip, client, sport);
+        let r = ring_choice(&env.cfg(), &ring, false, &fl);
+        assert!(tcp_expect(&mut env, vip, client, sport, true, r), "SYN is new");
+        assert_eq!(env.conn(&fl), Some(r), "the SYN's entry replaced the old one");
+        assert!(!tcp_expect(&mut env, vip, client, sport, false, r));
+        on_draining += (b == draining) as usize;
+    }
+    assert!(on_draining > 50, "setup: {on_draining} flows on the drained backend");
+}
+
+#[test]
+fn an_entry_whose_backend_left_its_vip_no_longer_holds() {
+    let mut env = Env::standard();
+    for (vip, proto) in [
+        (vip_index(v4(10, 1), 80, TCP), TCP),
+        (vip_index(v6(10, 2), 80, UDP), UDP),
+    ] {
+        let flows = establish(&mut env, vip, 300);
+        let (gone, moved) = (env.fx.vips[vip].backends[1], env.fx.vips[vip].backends[2]);
+        let keep: Vec<u32> = env.fx.vips[vip]
+            .backends
+            .iter()
+            .copied()
+            .filter(|b| *b != gone && *b != moved)
+            .collect();
+        let ring = ring_with(&env, vip, &keep);
+        env.set_ring(vip, &ring);
+        // `gone` retired; `moved` still up, but its id now belongs to another VIP (as an
+        // id does once handed out again).
+        env.set_backend_state(gone, lb_common::BACKEND_RETIRED);
+        let other = (vip as u32 + 1) % env.fx.vips.len() as u32;
+        env.fx.backends[moved as usize].vip = other;
+        let be = env.fx.backend(moved);
+        env.dp.set_backend(moved, &be).unwrap();
+        env.model.backends[moved as usize] = be;
+        let (mut left, mut stayed) = (0, 0);
+        for &(client, sport, b) in &flows {
+            let fl = flow_of(&env, vip, client, sport);
+            if b == gone || b == moved {
+                let r = ring_choice(&env.cfg(), &ring, false, &fl);
+                let new = if proto == TCP {
+                    tcp_expect(&mut env, vip, client, sport, false, r)
+                } else {
+                    send_expect(&mut env, vip, client, sport, r, "reselected");
+                    true
+                };
+                assert!(new, "a reselected flow is new");
+                assert_eq!(env.conn(&fl), Some(r));
+                left += 1;
+            } else {
+                send_expect(&mut env, vip, client, sport, b, "kept");
+                stayed += 1;
+            }
+        }
+        assert!(left > 50 && stayed > 50, "setup: {left} reselected, {stayed} kept");
+    }
+}
+
+#[test]
+fn a_vip_removed_and_added_again_keeps_none_of_its_old_entries() {
+    let mut env = Env::standard();
+    let vip = vip_index(v4(10, 2), 81, UDP);
+    let flows = establish(&mut env, vip, 200);
+    // Removed, then added again under a new id with new backend ids (the agent's own
+    // sequence): the old members are even left up, to show the VIP id alone decides.
+    let key = env.fx.vips[vip].key();
+    let old = env.dp.vips.get(&key, 0).unwrap();
+    env.dp.remove_vip(&key).unwrap();
+    env.model.vips.remove(&key);
+    let new_id = 15;
+    let first = 200;
+    let mut members = Vec::new();
+    for (k, &b) in env.fx.vips[vip].backends.clone().iter().enumerate() {
+        let mut spec = env.fx.backends[b as usize].clone();
+        spec.vip = new_id;
+        let id = first + k as u32;
+        while env.fx.backends.len() <= id as usize {
+            env.fx.backends.push(spec.clone());
+        }
+        env.fx.backends[id as usize] = spec;
+        let be = env.fx.backend(id);
+        env.dp.set_backend(id, &be).unwrap();
+        members.push(id);
+    }
+    env.fx.vips[vip].backends = members.clone();
+    let ring = env.fx.ring(vip);
+    let base = env.dp.write_ring(new_id, 0, &ring).unwrap();
+    let meta = VipMeta {
+        id: new_id,
+        ring_base: base,
+        ring_size: ring.len() as u32,
+        ..old
+    };
+    env.dp.set_vip(&key, &meta).unwrap();
+    let before = env.dp.vip_counters(new_id).unwrap().new_flows;
+    for &(client, sport, _) in &flows {
+        let fl = flow_of(&env, vip, client, sport);
+        let r = ring_choice(&env.cfg(), &ring, false, &fl);
+        assert!(members.contains(&r));
+        send_expect(&mut env, vip, client, sport, r, "after re-adding the VIP");
+    }
+    assert_eq!(
+        env.dp.vip_counters(new_id).unwrap().new_flows - before,
+        flows.len() as u64,
+        "every old flow is new to the re-added VIP"
+    );
+}
+
+#[test]
+fn entries_record_their_last_use_and_a_fin_or_rst() {
+    let mut env = Env::standard();
+    let vip = vip_index(v4(10, 1), 80, TCP);
+    let v = env.fx.vips[vip].clone();
+    let client: IpAddr = client4(7).into();
+    let fl = flow_of(&env, vip, client, 5000);
+    let now = lb_userspace::migrate::coarse_now();
+    env.lb(&Opts::default().tcp(client, 5000, v.addr, v.port, b"x"));
+    let e = env.dp.conns.get(&fl, 0).unwrap();
+    assert!(e.atime.abs_diff(now) < 2_000_000_000, "atime {} now {now}", e.atime);
+    assert_eq!(e.flags, 0);
+    // An old entry is refreshed by its next packet; a fresh one is left alone.
+    let mut old = e;
+    old.atime -= 10_000_000_000;
+    env.dp.conns.insert(fl, old, 0).unwrap();
+    env.lb(&Opts::default().tcp(client, 5000, v.addr, v.port, b"x"));
+    let e = env.dp.conns.get(&fl, 0).unwrap();
+    assert!(e.atime > old.atime + 9_000_000_000, "refreshed");
+    let fresh = e.atime;
+    env.lb(&Opts::default().tcp(client, 5000, v.addr, v.port, b"x"));
+    assert_eq!(env.dp.conns.get(&fl, 0).unwrap().atime, fresh, "written at most once a second");
+    for (i, what, o) in [
+        (8, "FIN", Opts::default().with_fin(true)),
+        (9, "RST", Opts::default().with_rst(true)),
+    ] {
+        let c: IpAddr = client4(i).into();
+        let f = flow_of(&env, vip, c, 6000);
+        env.lb(&Opts::default().tcp(c, 6000, v.addr, v.port, b"x"));
+        assert_eq!(env.dp.conns.get(&f, 0).unwrap().flags, 0);
+        env.lb(&o.tcp(c, 6000, v.addr, v.port, b""));
+        assert_eq!(
+            env.dp.conns.get(&f, 0).unwrap().flags,
+            lb_common::CONN_F_CLOSING,
+            "{what} marks the entry closing"
+        );
+    }
+}
