@@ -1,15 +1,18 @@
-//! The agent's configuration file: parsing, validation with messages that name the field,
-//! and atomic write-back (temporary file, fsync, rename) for changes made through the CLI.
+//! The agent's configuration file: parsing into typed values (serde), validation with
+//! messages that name the field, and atomic write-back (temporary file, fsync, rename) for
+//! changes made through the CLI.
 use std::{
     collections::{HashMap, HashSet},
     fmt,
     io::Write,
     net::IpAddr,
     path::Path,
+    str::FromStr,
 };
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::maglev::{is_prime, next_prime};
 
@@ -60,14 +63,118 @@ pub struct AgentConfig {
     pub mtu: Option<u32>,
     /// Next hop for backends without a `mac` of their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway_mac: Option<String>,
+    pub gateway_mac: Option<MacAddr>,
     /// Outer IPv4 source of encapsulated packets, as a prefix: its host bits carry flow
     /// entropy, e.g. "198.18.255.0/24". Required if a VIP encapsulates to IPv4 backends.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub encap_source_v4: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "encap_source_v4"
+    )]
+    pub encap_source_v4: Option<Ipv4Net>,
     /// Same for IPv6, e.g. "2001:db8:ff::/112" (entropy in at most the low 32 bits).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub encap_source_v6: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "encap_source_v6"
+    )]
+    pub encap_source_v6: Option<Ipv6Net>,
+}
+
+/// An optional prefix, or an error that says what was expected (ipnet's own says only
+/// "invalid IP address syntax").
+fn prefix<'de, D: Deserializer<'de>, N: FromStr>(
+    d: D,
+    family: u8,
+    example: &str,
+) -> Result<Option<N>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|s| {
+            s.parse().map_err(|_| {
+                de::Error::custom(format!("{s:?} is not an IPv{family} prefix like {example}"))
+            })
+        })
+        .transpose()
+}
+
+fn encap_source_v4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Net>, D::Error> {
+    prefix(d, 4, "198.18.255.0/24")
+}
+
+fn encap_source_v6<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv6Net>, D::Error> {
+    prefix(d, 6, "2001:db8:ff::/112")
+}
+
+/// A MAC address, written "aa:bb:cc:dd:ee:ff" in the config file and on the command line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    pub fn octets(self) -> [u8; 6] {
+        self.0
+    }
+}
+
+impl From<[u8; 6]> for MacAddr {
+    fn from(octets: [u8; 6]) -> Self {
+        MacAddr(octets)
+    }
+}
+
+/// Why a string is not a [`MacAddr`]: it says what was given and what is expected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MacParseError(String);
+
+impl fmt::Display for MacParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} is not a MAC address (aa:bb:cc:dd:ee:ff)", self.0)
+    }
+}
+
+impl std::error::Error for MacParseError {}
+
+impl FromStr for MacAddr {
+    type Err = MacParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || MacParseError(s.to_string());
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for m in mac.iter_mut() {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad());
+            }
+            *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
 }
 
 fn default_seed() -> u32 {
@@ -174,7 +281,7 @@ pub struct BackendConfig {
     pub drain: bool,
     /// Next-hop MAC of this backend (else `agent.gateway_mac`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mac: Option<String>,
+    pub mac: Option<MacAddr>,
 }
 
 impl BackendConfig {
@@ -204,30 +311,6 @@ fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, Fiel
         field: field.into(),
         reason: reason.into(),
     })
-}
-
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let mut mac = [0u8; 6];
-    for (m, p) in mac.iter_mut().zip(parts) {
-        if p.len() != 2 {
-            return None;
-        }
-        *m = u8::from_str_radix(p, 16).ok()?;
-    }
-    Some(mac)
-}
-
-/// "198.18.255.0/24" → (address, prefix length).
-pub fn parse_prefix(s: &str) -> Option<(IpAddr, u8)> {
-    let (a, l) = s.split_once('/')?;
-    let addr: IpAddr = a.parse().ok()?;
-    let len: u8 = l.parse().ok()?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    (len <= max).then_some((addr, len))
 }
 
 impl Config {
@@ -294,75 +377,7 @@ impl Config {
     /// Every rule a running agent relies on. The error names the first offending field.
     pub fn validate(&self) -> Result<(), FieldError> {
         let a = &self.agent;
-        if a.interface.is_empty() {
-            return err("agent.interface", "must name a network interface");
-        }
-        if !is_prime(a.ring_size) {
-            return err(
-                "agent.ring_size",
-                format!(
-                    "{} is not prime (the next prime is {})",
-                    a.ring_size,
-                    next_prime(a.ring_size.min(u32::MAX - 1000))
-                ),
-            );
-        }
-        if a.ring_size > 1 << 22 {
-            return err(
-                "agent.ring_size",
-                format!("{} is larger than the maximum {}", a.ring_size, 1 << 22),
-            );
-        }
-        for (field, v, lo, hi) in [
-            ("agent.max_vips", a.max_vips, 1, 4096),
-            ("agent.max_backends", a.max_backends, 1, 1 << 16),
-            ("agent.max_conns", a.max_conns, 1024, 1 << 27),
-        ] {
-            if v < lo || v > hi {
-                return err(field, format!("{v} is out of range {lo}..={hi}"));
-            }
-        }
-        if let Some(m) = a.mtu {
-            if !(576..=9216).contains(&m) {
-                return err("agent.mtu", format!("{m} is out of range 576..=9216"));
-            }
-        }
-        if let Some(m) = &a.gateway_mac {
-            if parse_mac(m).is_none() {
-                return err(
-                    "agent.gateway_mac",
-                    format!("{m:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
-                );
-            }
-        }
-        for (field, v, six) in [
-            ("agent.encap_source_v4", &a.encap_source_v4, false),
-            ("agent.encap_source_v6", &a.encap_source_v6, true),
-        ] {
-            if let Some(p) = v {
-                match parse_prefix(p) {
-                    Some((addr, len)) if addr.is_ipv6() == six => {
-                        if six && len < 96 {
-                            return err(field, format!("/{len}: at most the low 32 bits can carry entropy (use /96 or longer)"));
-                        }
-                    }
-                    _ => {
-                        return err(
-                            field,
-                            format!(
-                                "{p:?} is not an IPv{} prefix like {}",
-                                if six { 6 } else { 4 },
-                                if six {
-                                    "2001:db8:ff::/112"
-                                } else {
-                                    "198.18.255.0/24"
-                                }
-                            ),
-                        )
-                    }
-                }
-            }
-        }
+        a.validate()?;
         if self.vips.len() > a.max_vips as usize {
             return err(
                 "vip",
@@ -377,24 +392,10 @@ impl Config {
         let mut keys = HashMap::new();
         let mut backends = HashSet::new();
         for v in &self.vips {
-            let at = format!("vip[{}]", v.name);
-            if v.name.is_empty()
-                || v.name.len() > 64
-                || !v
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                return err(
-                    format!("{at}.name"),
-                    "must be 1-64 characters of [A-Za-z0-9-_.]",
-                );
-            }
+            v.validate(a)?;
+            let at = v.field();
             if !names.insert(&v.name) {
                 return err(format!("{at}.name"), "duplicate VIP name");
-            }
-            if v.port == 0 {
-                return err(format!("{at}.port"), "must be 1-65535");
             }
             if let Some(other) = keys.insert((v.address, v.port, v.protocol), &v.name) {
                 return err(
@@ -405,71 +406,7 @@ impl Config {
                     ),
                 );
             }
-            let mut addrs = HashSet::new();
-            let mut active = 0;
-            for (i, b) in v.backends.iter().enumerate() {
-                let bat = format!("{at}.backends[{i}]");
-                if !addrs.insert(b.address) {
-                    return err(
-                        format!("{bat}.address"),
-                        format!("duplicate backend {}", b.address),
-                    );
-                }
-                if b.weight > MAX_WEIGHT {
-                    return err(
-                        format!("{bat}.weight"),
-                        format!("{} is out of range 0..={MAX_WEIGHT}", b.weight),
-                    );
-                }
-                if v.address.is_ipv6() && b.address.is_ipv4() && v.forwarding == Forwarding::Ipip {
-                    return err(format!("{bat}.address"), "ipip cannot carry an IPv6 VIP to an IPv4 backend (use gue or an IPv6 backend)");
-                }
-                if v.forwarding == Forwarding::L2dsr && v.address.is_ipv4() != b.address.is_ipv4() {
-                    return err(
-                        format!("{bat}.address"),
-                        "l2dsr needs a backend of the VIP's address family",
-                    );
-                }
-                match &b.mac {
-                    Some(m) if parse_mac(m).is_none() => {
-                        return err(
-                            format!("{bat}.mac"),
-                            format!("{m:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
-                        );
-                    }
-                    None if a.gateway_mac.is_none() => {
-                        return err(
-                            format!("{bat}.mac"),
-                            "required when agent.gateway_mac is not set",
-                        );
-                    }
-                    _ => {}
-                }
-                if v.forwarding != Forwarding::L2dsr {
-                    let (field, src) = if b.address.is_ipv4() {
-                        ("agent.encap_source_v4", &a.encap_source_v4)
-                    } else {
-                        ("agent.encap_source_v6", &a.encap_source_v6)
-                    };
-                    if src.is_none() {
-                        return err(
-                            field,
-                            format!("required: {at} encapsulates to {}", b.address),
-                        );
-                    }
-                }
-                active += b.active() as u32;
-                backends.insert(b.address);
-            }
-            if active as u64 * 10 > a.ring_size as u64 {
-                return err(
-                    "agent.ring_size",
-                    format!(
-                        "{} is too small for the {active} backends of {at}",
-                        a.ring_size
-                    ),
-                );
-            }
+            backends.extend(v.backends.iter().map(|b| b.address));
         }
         if backends.len() > a.max_backends as usize {
             return err(
@@ -480,6 +417,150 @@ impl Config {
                     a.max_backends
                 ),
             );
+        }
+        Ok(())
+    }
+}
+
+impl AgentConfig {
+    /// The `[agent]` table on its own.
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.interface.is_empty() {
+            return err("agent.interface", "must name a network interface");
+        }
+        if !is_prime(self.ring_size) {
+            return err(
+                "agent.ring_size",
+                format!(
+                    "{} is not prime (the next prime is {})",
+                    self.ring_size,
+                    next_prime(self.ring_size.min(u32::MAX - 1000))
+                ),
+            );
+        }
+        if self.ring_size > 1 << 22 {
+            return err(
+                "agent.ring_size",
+                format!("{} is larger than the maximum {}", self.ring_size, 1 << 22),
+            );
+        }
+        for (field, v, lo, hi) in [
+            ("agent.max_vips", self.max_vips, 1, 4096),
+            ("agent.max_backends", self.max_backends, 1, 1 << 16),
+            ("agent.max_conns", self.max_conns, 1024, 1 << 27),
+        ] {
+            if v < lo || v > hi {
+                return err(field, format!("{v} is out of range {lo}..={hi}"));
+            }
+        }
+        if let Some(m) = self.mtu {
+            if !(576..=9216).contains(&m) {
+                return err("agent.mtu", format!("{m} is out of range 576..=9216"));
+            }
+        }
+        if let Some(p) = self.encap_source_v6 {
+            if p.prefix_len() < 96 {
+                return err(
+                    "agent.encap_source_v6",
+                    format!(
+                        "/{}: at most the low 32 bits can carry entropy (use /96 or longer)",
+                        p.prefix_len()
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VipConfig {
+    /// `vip[NAME]`: how messages name this VIP.
+    pub fn field(&self) -> String {
+        format!("vip[{}]", self.name)
+    }
+
+    /// This VIP and its backends on their own (not against the other VIPs).
+    fn validate(&self, agent: &AgentConfig) -> Result<(), FieldError> {
+        let at = self.field();
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return err(
+                format!("{at}.name"),
+                "must be 1-64 characters of [A-Za-z0-9-_.]",
+            );
+        }
+        if self.port == 0 {
+            return err(format!("{at}.port"), "must be 1-65535");
+        }
+        let mut addrs = HashSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let bat = format!("{at}.backends[{i}]");
+            if !addrs.insert(b.address) {
+                return err(
+                    format!("{bat}.address"),
+                    format!("duplicate backend {}", b.address),
+                );
+            }
+            b.validate(&bat, self, agent)?;
+        }
+        let active = self.backends.iter().filter(|b| b.active()).count();
+        if active as u64 * 10 > agent.ring_size as u64 {
+            return err(
+                "agent.ring_size",
+                format!(
+                    "{} is too small for the {active} backends of {at}",
+                    agent.ring_size
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl BackendConfig {
+    /// One backend of `vip`; `at` names it (`vip[NAME].backends[I]`).
+    fn validate(&self, at: &str, vip: &VipConfig, agent: &AgentConfig) -> Result<(), FieldError> {
+        if self.weight > MAX_WEIGHT {
+            return err(
+                format!("{at}.weight"),
+                format!("{} is out of range 0..={MAX_WEIGHT}", self.weight),
+            );
+        }
+        if vip.address.is_ipv6() && self.address.is_ipv4() && vip.forwarding == Forwarding::Ipip {
+            return err(
+                format!("{at}.address"),
+                "ipip cannot carry an IPv6 VIP to an IPv4 backend (use gue or an IPv6 backend)",
+            );
+        }
+        if vip.forwarding == Forwarding::L2dsr && vip.address.is_ipv4() != self.address.is_ipv4() {
+            return err(
+                format!("{at}.address"),
+                "l2dsr needs a backend of the VIP's address family",
+            );
+        }
+        if self.mac.is_none() && agent.gateway_mac.is_none() {
+            return err(
+                format!("{at}.mac"),
+                "required when agent.gateway_mac is not set",
+            );
+        }
+        if vip.forwarding != Forwarding::L2dsr {
+            let (field, missing) = if self.address.is_ipv4() {
+                ("agent.encap_source_v4", agent.encap_source_v4.is_none())
+            } else {
+                ("agent.encap_source_v6", agent.encap_source_v6.is_none())
+            };
+            if missing {
+                return err(
+                    field,
+                    format!("required: {} encapsulates to {}", vip.field(), self.address),
+                );
+            }
         }
         Ok(())
     }
@@ -561,7 +642,6 @@ backends = [
         assert!(
             with(|c| c.agent.gateway_mac = None).starts_with("vip[web].backends[0].mac: required")
         );
-        assert!(with(|c| c.agent.gateway_mac = Some("zz".into())).starts_with("agent.gateway_mac"));
         assert!(
             with(|c| c.agent.encap_source_v4 = None).starts_with("agent.encap_source_v4: required")
         );
@@ -571,5 +651,75 @@ backends = [
         })
         .contains("exceed agent.max_backends"));
         assert!(with(|c| c.vips[0].port = 0).starts_with("vip[web].port"));
+    }
+
+    /// Parse errors of typed values: what was given, what is expected, where.
+    #[test]
+    fn values_are_parsed_into_types_with_reasons() {
+        let e = format!(
+            "{:#}",
+            Config::parse(&GOOD.replace("02:00:00:00:00:fe", "02:00:00:00:fe")).unwrap_err()
+        );
+        assert!(
+            e.contains("\"02:00:00:00:fe\" is not a MAC address (aa:bb:cc:dd:ee:ff)")
+                && e.contains("gateway_mac"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            Config::parse(&GOOD.replace("198.18.255.0/24", "198.18.255.0/33")).unwrap_err()
+        );
+        assert!(
+            e.contains("\"198.18.255.0/33\" is not an IPv4 prefix like 198.18.255.0/24")
+                && e.contains("encap_source_v4"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            Config::parse(&GOOD.replace("2001:db8:ff::/112", "198.18.255.0/24")).unwrap_err()
+        );
+        assert!(e.contains("is not an IPv6 prefix like"), "{e}");
+        assert!(
+            with(|c| c.agent.encap_source_v6 = Some("2001:db8:ff::/64".parse().unwrap()))
+                .starts_with("agent.encap_source_v6: /64: at most the low 32 bits")
+        );
+
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(
+            c.agent.gateway_mac,
+            Some(MacAddr([2, 0, 0, 0, 0, 0xfe])),
+            "parsed once, into bytes"
+        );
+        let v4 = c.agent.encap_source_v4.unwrap();
+        assert_eq!(
+            (v4.addr().to_string(), v4.prefix_len()),
+            ("198.18.255.0".into(), 24)
+        );
+        assert_eq!(
+            c.vips[0].backends[1].mac.unwrap().to_string(),
+            "02:00:00:00:20:0c"
+        );
+    }
+
+    #[test]
+    fn mac_addresses_parse_and_print() {
+        let m: MacAddr = "02:AB:cd:00:20:0c".parse().unwrap();
+        assert_eq!(m.octets(), [0x02, 0xab, 0xcd, 0x00, 0x20, 0x0c]);
+        assert_eq!(m.to_string(), "02:ab:cd:00:20:0c");
+        for bad in [
+            "",
+            "02:00:00:00:20",
+            "02:00:00:00:20:0c:01",
+            "02:00:00:00:20:c",
+            "02:00:00:00:20:+c",
+            "02-00-00-00-20-0c",
+            "zz:00:00:00:20:0c",
+        ] {
+            let e = bad.parse::<MacAddr>().unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("{bad:?} is not a MAC address (aa:bb:cc:dd:ee:ff)")
+            );
+        }
     }
 }

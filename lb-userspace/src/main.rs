@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use lb_userspace::{
     agent,
     api::{self, Request},
-    config::{BackendConfig, Forwarding, Protocol, VipConfig, DEFAULT_WEIGHT},
+    config::{BackendConfig, Forwarding, MacAddr, Protocol, VipConfig, DEFAULT_WEIGHT},
 };
 use serde_json::Value;
 
@@ -80,7 +80,7 @@ enum BackendCmd {
         #[arg(long, default_value_t = DEFAULT_WEIGHT)]
         weight: u32,
         #[arg(long)]
-        mac: Option<String>,
+        mac: Option<MacAddr>,
         #[arg(long)]
         drain: bool,
     },

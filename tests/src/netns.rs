@@ -133,7 +133,8 @@ impl Netns {
     pub fn mac(&self, iface: &str) -> Result<[u8; 6]> {
         let out = self.ip(&["-br", "link", "show", "dev", iface])?;
         out.split_whitespace()
-            .find_map(lb_userspace::config::parse_mac)
+            .find_map(|w| w.parse::<lb_userspace::config::MacAddr>().ok())
+            .map(|m| m.octets())
             .ok_or_else(|| anyhow!("no MAC for {iface} in `ip -br link`: {out}"))
     }
 

@@ -366,7 +366,7 @@ fn cli_changes_are_written_to_the_config_file_and_survive_kill_9_and_restart() -
                 b.address.to_string(),
                 b.weight,
                 b.drain,
-                b.mac.clone().unwrap(),
+                b.mac.unwrap().to_string(),
             )
         })
         .collect();
@@ -595,7 +595,7 @@ protocol = "tcp"
                 "--mac",
                 "02:00:00:00:20",
             ],
-            "vip[web].backends[1].mac",
+            "--mac",
         ),
     ];
     for (what, args, field) in cases {
