@@ -313,6 +313,33 @@ fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, Fiel
     })
 }
 
+/// Why `addr` cannot be the address of a VIP or a backend, if it cannot: no packet to or
+/// from it can be load balanced.
+pub fn unusable_address(addr: IpAddr) -> Option<String> {
+    let why = match addr {
+        IpAddr::V4(a) if a.is_unspecified() => "the unspecified address",
+        IpAddr::V4(a) if a.is_loopback() => "a loopback address",
+        IpAddr::V4(a) if a.is_broadcast() => "the broadcast address",
+        IpAddr::V4(a) if a.is_multicast() => "a multicast address",
+        IpAddr::V6(a) => {
+            if let Some(v4) = a.to_ipv4_mapped() {
+                return Some(format!("{a} is an IPv4-mapped IPv6 address: write {v4}"));
+            }
+            if a.is_unspecified() {
+                "the unspecified address"
+            } else if a.is_loopback() {
+                "the loopback address"
+            } else if a.is_multicast() {
+                "a multicast address"
+            } else {
+                return None;
+            }
+        }
+        IpAddr::V4(_) => return None,
+    };
+    Some(format!("{addr} is {why}"))
+}
+
 impl Config {
     pub fn parse(text: &str) -> Result<Config> {
         let cfg: Config =
@@ -494,6 +521,9 @@ impl VipConfig {
                 "must be 1-64 characters of [A-Za-z0-9-_.]",
             );
         }
+        if let Some(why) = unusable_address(self.address) {
+            return err(format!("{at}.address"), why);
+        }
         if self.port == 0 {
             return err(format!("{at}.port"), "must be 1-65535");
         }
@@ -525,6 +555,9 @@ impl VipConfig {
 impl BackendConfig {
     /// One backend of `vip`; `at` names it (`vip[NAME].backends[I]`).
     fn validate(&self, at: &str, vip: &VipConfig, agent: &AgentConfig) -> Result<(), FieldError> {
+        if let Some(why) = unusable_address(self.address) {
+            return err(format!("{at}.address"), why);
+        }
         if self.weight > MAX_WEIGHT {
             return err(
                 format!("{at}.weight"),
@@ -721,5 +754,50 @@ backends = [
                 format!("{bad:?} is not a MAC address (aa:bb:cc:dd:ee:ff)")
             );
         }
+    }
+
+    #[test]
+    fn addresses_that_cannot_work_are_refused_naming_the_field() {
+        let cases = [
+            ("0.0.0.0", "0.0.0.0 is the unspecified address"),
+            ("::", ":: is the unspecified address"),
+            ("127.0.0.1", "127.0.0.1 is a loopback address"),
+            ("127.1.2.3", "127.1.2.3 is a loopback address"),
+            ("::1", "::1 is the loopback address"),
+            (
+                "255.255.255.255",
+                "255.255.255.255 is the broadcast address",
+            ),
+            ("224.0.0.1", "224.0.0.1 is a multicast address"),
+            ("239.1.2.3", "239.1.2.3 is a multicast address"),
+            ("ff02::1", "ff02::1 is a multicast address"),
+            (
+                "::ffff:198.18.20.14",
+                "::ffff:198.18.20.14 is an IPv4-mapped IPv6 address: write 198.18.20.14",
+            ),
+        ];
+        for (addr, why) in cases {
+            let ip: IpAddr = addr.parse().unwrap();
+            assert_eq!(
+                with(|c| c.vips[0].address = ip),
+                format!("vip[web].address: {why}")
+            );
+            assert_eq!(
+                with(|c| {
+                    // gue carries either family to either family: only the address is wrong.
+                    c.vips[0].forwarding = Forwarding::Gue;
+                    c.vips[0].backends[1].address = ip;
+                }),
+                format!("vip[web].backends[1].address: {why}")
+            );
+        }
+        for ok in ["198.18.20.14", "2001:db8::14", "10.0.0.1", "198.51.100.255"] {
+            assert_eq!(unusable_address(ok.parse().unwrap()), None, "{ok}");
+        }
+        // Also when read from the file.
+        let e = Config::parse(&GOOD.replace("198.18.20.12", "::ffff:198.18.20.12"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("write 198.18.20.12"), "{e}");
     }
 }

@@ -597,6 +597,59 @@ protocol = "tcp"
             ],
             "--mac",
         ),
+        (
+            "IPv4-mapped IPv6 VIP address",
+            &["vip", "add", "x", "::ffff:198.18.10.9", "80", "tcp"],
+            "vip[x].address: ::ffff:198.18.10.9 is an IPv4-mapped IPv6 address: \
+             write 198.18.10.9",
+        ),
+        (
+            "unspecified VIP address",
+            &["vip", "add", "x", "0.0.0.0", "80", "tcp"],
+            "vip[x].address: 0.0.0.0 is the unspecified address",
+        ),
+        (
+            "multicast VIP address",
+            &["vip", "add", "x", "ff05::1", "80", "tcp"],
+            "vip[x].address: ff05::1 is a multicast address",
+        ),
+        (
+            "loopback backend",
+            &[
+                "backend",
+                "add",
+                "web",
+                "127.0.0.1",
+                "--mac",
+                "02:00:00:00:20:02",
+            ],
+            "vip[web].backends[1].address: 127.0.0.1 is a loopback address",
+        ),
+        (
+            "broadcast backend",
+            &[
+                "backend",
+                "add",
+                "web",
+                "255.255.255.255",
+                "--mac",
+                "02:00:00:00:20:02",
+            ],
+            "vip[web].backends[1].address: 255.255.255.255 is the broadcast address",
+        ),
+        (
+            "IPv4-mapped IPv6 backend",
+            &[
+                "backend",
+                "add",
+                "web",
+                "::ffff:198.18.20.14",
+                "--mac",
+                "02:00:00:00:20:0e",
+            ],
+            "vip[web].backends[1].address: ::ffff:198.18.20.14 is an IPv4-mapped IPv6 \
+             address: write 198.18.20.14",
+        ),
     ];
     for (what, args, field) in cases {
         let out = a.lb(args);
