@@ -1,10 +1,9 @@
 //! The agent's configuration file: parsing into typed values (serde), validation with
-//! messages that name the field, and atomic write-back (temporary file, fsync, rename) for
-//! changes made through the CLI.
+//! messages that name the field, and the write-back of changes made through the CLI, which
+//! edits only what changed and replaces the file atomically ([`file`]).
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    io::Write,
     net::IpAddr,
     path::Path,
     str::FromStr,
@@ -15,6 +14,8 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::maglev::{is_prime, next_prime};
+
+mod file;
 
 pub const MAX_WEIGHT: u32 = 10_000;
 pub const DEFAULT_WEIGHT: u32 = 100;
@@ -354,32 +355,25 @@ impl Config {
         Config::parse(&text).with_context(|| format!("in {}", path.display()))
     }
 
-    /// Write atomically: a temporary file beside the target, fsync, rename, fsync the dir.
+    /// Write this config to `path`, the operator's file: only what differs from what the
+    /// file says is edited (its comments and layout stay), and the file is replaced
+    /// atomically with its mode and owner; a symlink stays a symlink to an updated target.
+    /// A file that does not exist yet is written whole.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = toml::to_string_pretty(self)?;
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(
-            ".{}.tmp{}",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("lb.toml"),
-            std::process::id()
-        ));
-        {
-            let mut f = std::fs::File::create(&tmp)
-                .with_context(|| format!("creating {}", tmp.display()))?;
-            f.write_all(b"# Written by the lb agent; edit freely, then `kill -HUP` it.\n")?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        let target = file::resolve(path)?;
+        let (text, like) = match std::fs::read_to_string(&target) {
+            Ok(old) => {
+                let text = file::edit(&old, self)
+                    .with_context(|| format!("updating {}", target.display()))?;
+                (text, Some(std::fs::metadata(&target)?))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                format!("{}{}", file::HEADER, toml::to_string_pretty(self)?),
+                None,
+            ),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", target.display())),
+        };
+        file::write_atomically(&target, text.as_bytes(), like.as_ref())
     }
 
     pub fn vip(&self, name: &str) -> Option<&VipConfig> {
@@ -630,12 +624,10 @@ backends = [
     #[test]
     fn a_good_config_round_trips_through_save() {
         let c = Config::parse(GOOD).unwrap();
-        let dir = std::env::temp_dir().join(format!("lbcfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("lb.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lb.toml");
         c.save(&p).unwrap();
         assert_eq!(Config::load(&p).unwrap(), c);
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
@@ -799,5 +791,411 @@ backends = [
             .unwrap_err()
             .to_string();
         assert!(e.contains("write 198.18.20.12"), "{e}");
+    }
+
+    /// The operator's file, with comments everywhere and both ways of writing backends.
+    const COMMENTED: &str = r#"# LB config, kept by hand.
+[agent]
+interface = "eth0"
+xdp_mode = "native"                 # native | skb | auto
+hash_seed = 1793773                 # the same on every LB host
+gateway_mac = "02:00:00:00:00:fe"   # next hop of backends without a mac
+encap_source_v4 = "198.18.255.0/24" # outer source
+encap_source_v6 = "2001:db8:ff::/112"
+
+# The web site.
+[[vip]]
+name = "web"            # what the CLI calls it
+address = "198.18.10.1"
+port = 80
+protocol = "tcp"
+backends = [
+  # rack 1
+  { address = "198.18.20.11", weight = 100 },  # the big one
+  { address = "198.18.20.12", weight = 50, drain = true },
+  { address = "198.18.20.13", weight = 50 },   # small
+]
+
+# DNS, one table per backend.
+[[vip]]
+name = "dns"
+address = "198.18.10.2"
+port = 53
+protocol = "udp"
+forwarding = "gue"
+
+[[vip.backends]]
+address = "198.18.20.21" # first
+weight = 10
+
+# second
+[[vip.backends]]
+address = "198.18.20.22"
+
+# end of file
+"#;
+
+    fn save_to(dir: &Path, text: &str, change: impl FnOnce(&mut Config)) -> (Config, String) {
+        let p = dir.join("lb.toml");
+        std::fs::write(&p, text).unwrap();
+        let mut c = Config::load(&p).unwrap();
+        change(&mut c);
+        c.save(&p).unwrap();
+        let written = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(Config::parse(&written).unwrap(), c, "{written}");
+        (c, written)
+    }
+
+    fn backend(address: &str, weight: u32) -> BackendConfig {
+        BackendConfig {
+            address: address.parse().unwrap(),
+            weight,
+            drain: false,
+            mac: None,
+        }
+    }
+
+    #[test]
+    fn backend_changes_keep_the_operators_comments_and_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, text) = save_to(dir.path(), COMMENTED, |c| {
+            let web = c.vip_mut("web").unwrap();
+            web.backends.remove(0); // with its comments
+            web.backends[0].drain = false;
+            web.backends[1].weight = 3;
+            web.backends.push(BackendConfig {
+                mac: Some("02:00:00:00:20:0e".parse().unwrap()),
+                ..backend("198.18.20.14", 7)
+            });
+            let dns = c.vip_mut("dns").unwrap();
+            dns.backends[0].weight = 11;
+            dns.backends.push(BackendConfig {
+                drain: true,
+                ..backend("198.18.20.23", 100)
+            });
+        });
+        let want = COMMENTED
+            .replace(
+                r#"  # rack 1
+  { address = "198.18.20.11", weight = 100 },  # the big one
+  { address = "198.18.20.12", weight = 50, drain = true },
+  { address = "198.18.20.13", weight = 50 },   # small
+"#,
+                r#"  { address = "198.18.20.12", weight = 50 },
+  { address = "198.18.20.13", weight = 3 },   # small
+  { address = "198.18.20.14", weight = 7, mac = "02:00:00:00:20:0e" },
+"#,
+            )
+            .replace(
+                "address = \"198.18.20.21\" # first\nweight = 10\n",
+                "address = \"198.18.20.21\" # first\nweight = 11\n",
+            )
+            .replace(
+                "address = \"198.18.20.22\"\n",
+                "address = \"198.18.20.22\"\n\n[[vip.backends]]\naddress = \"198.18.20.23\"\nweight = 100\ndrain = true\n",
+            );
+        assert_eq!(text, want);
+
+        // Removing the last backend of each; adding a key to an inline entry.
+        let (_, text) = save_to(dir.path(), COMMENTED, |c| {
+            let web = c.vip_mut("web").unwrap();
+            web.backends.pop();
+            web.backends[0].drain = true;
+            c.vip_mut("dns").unwrap().backends.pop();
+        });
+        let want = COMMENTED
+            .replace(
+                r#"  { address = "198.18.20.11", weight = 100 },  # the big one
+  { address = "198.18.20.12", weight = 50, drain = true },
+  { address = "198.18.20.13", weight = 50 },   # small
+"#,
+                r#"  { address = "198.18.20.11", weight = 100, drain = true },  # the big one
+  { address = "198.18.20.12", weight = 50, drain = true },
+"#,
+            )
+            .replace(
+                "\n# second\n[[vip.backends]]\naddress = \"198.18.20.22\"\n",
+                "",
+            );
+        assert_eq!(text, want);
+    }
+
+    #[test]
+    fn vip_and_agent_changes_keep_the_operators_comments_and_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, text) = save_to(dir.path(), COMMENTED, |c| {
+            c.agent.xdp_mode = XdpMode::Auto;
+            c.agent.encap_source_v6 = None;
+            c.agent.mtu = Some(1500);
+            c.vips.retain(|v| v.name != "web");
+            c.vips.push(VipConfig {
+                name: "new".into(),
+                address: "2001:db8:10::1".parse().unwrap(),
+                port: 443,
+                protocol: Protocol::Tcp,
+                forwarding: Forwarding::Gue,
+                affinity: true,
+                backends: vec![backend("198.18.20.11", 5), backend("198.18.20.15", 6)],
+            });
+            c.vip_mut("dns").unwrap().port = 5353;
+        });
+        let want = r#"# LB config, kept by hand.
+[agent]
+interface = "eth0"
+xdp_mode = "auto"                 # native | skb | auto
+hash_seed = 1793773                 # the same on every LB host
+gateway_mac = "02:00:00:00:00:fe"   # next hop of backends without a mac
+encap_source_v4 = "198.18.255.0/24" # outer source
+mtu = 1500
+
+# DNS, one table per backend.
+[[vip]]
+name = "dns"
+address = "198.18.10.2"
+port = 5353
+protocol = "udp"
+forwarding = "gue"
+
+[[vip.backends]]
+address = "198.18.20.21" # first
+weight = 10
+
+# second
+[[vip.backends]]
+address = "198.18.20.22"
+
+[[vip]]
+name = "new"
+address = "2001:db8:10::1"
+port = 443
+protocol = "tcp"
+forwarding = "gue"
+affinity = true
+backends = [
+  { address = "198.18.20.11", weight = 5 },
+  { address = "198.18.20.15", weight = 6 },
+]
+
+# end of file
+"#;
+        assert_eq!(text, want);
+        // A VIP without backends, then its first backend.
+        let (_, text) = save_to(dir.path(), &text, |c| {
+            c.vips.push(VipConfig {
+                name: "empty".into(),
+                backends: vec![],
+                ..c.vips[0].clone()
+            });
+            c.vips[2].port = 5354;
+        });
+        assert!(
+            text.ends_with(
+                "\n[[vip]]\nname = \"empty\"\naddress = \"198.18.10.2\"\nport = 5354\n\
+                 protocol = \"udp\"\nforwarding = \"gue\"\nbackends = []\n\n# end of file\n"
+            ),
+            "{text}"
+        );
+        let (_, text) = save_to(dir.path(), &text, |c| {
+            c.vips[2].backends.push(backend("198.18.20.30", 1));
+        });
+        assert!(
+            text.contains(
+                "backends = [\n  { address = \"198.18.20.30\", weight = 1 },\n]\n\n# end of file\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_unchanged_config_leaves_the_file_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, text) = save_to(dir.path(), COMMENTED, |_| {});
+        assert_eq!(text, COMMENTED);
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_any_more_is_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lb.toml");
+        let c = Config::parse(GOOD).unwrap();
+        let broken = GOOD.replace("port = 80", "port = \"eighty\"");
+        std::fs::write(&p, &broken).unwrap();
+        let e = format!("{:#}", c.save(&p).unwrap_err());
+        assert!(
+            e.contains("does not parse") && e.contains("kill -HUP"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), broken);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+    }
+
+    #[test]
+    fn a_symlinked_config_stays_a_symlink_and_its_target_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::fs::write(real.join("lb.toml"), COMMENTED).unwrap();
+        let link = dir.path().join("lb.toml");
+        std::os::unix::fs::symlink("real/lb.toml", &link).unwrap();
+
+        let mut c = Config::load(&link).unwrap();
+        c.vip_mut("web").unwrap().backends[0].weight = 99;
+        c.save(&link).unwrap();
+
+        let meta = std::fs::symlink_metadata(&link).unwrap();
+        assert!(meta.file_type().is_symlink(), "the link was replaced");
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            Path::new("real/lb.toml")
+        );
+        let target = std::fs::read_to_string(real.join("lb.toml")).unwrap();
+        assert!(target.contains("weight = 99 },  # the big one"), "{target}");
+        assert_eq!(Config::load(&link).unwrap(), c);
+        let names = |d: &Path| -> Vec<String> {
+            std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names(&real), ["lb.toml"], "temporary files left");
+        let mut top = names(dir.path());
+        top.sort();
+        assert_eq!(top, ["lb.toml", "real"]);
+    }
+
+    #[test]
+    fn mode_and_owner_are_kept() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lb.toml");
+        std::fs::write(&p, GOOD).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let root = unsafe { libc::geteuid() } == 0;
+        if root {
+            std::os::unix::fs::chown(&p, Some(4321), Some(4322)).unwrap();
+        }
+        let before = std::fs::metadata(&p).unwrap();
+        let mut c = Config::load(&p).unwrap();
+        c.vips[0].backends[0].weight = 7;
+        c.save(&p).unwrap();
+        let after = std::fs::metadata(&p).unwrap();
+        assert_ne!(after.ino(), before.ino(), "replaced by rename");
+        assert_eq!(after.mode() & 0o7777, 0o640);
+        assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+        if root {
+            assert_eq!((after.uid(), after.gid()), (4321, 4322));
+        }
+        // A new file: 0644.
+        let q = dir.path().join("new.toml");
+        c.save(&q).unwrap();
+        assert_eq!(std::fs::metadata(&q).unwrap().mode() & 0o7777, 0o644);
+        assert!(std::fs::read_to_string(&q)
+            .unwrap()
+            .starts_with("# Written by the lb agent"));
+    }
+
+    /// Every field set, changed, and unset again, written into a file that says little.
+    #[test]
+    fn every_field_round_trips_through_the_file() {
+        let full = Config {
+            agent: AgentConfig {
+                interface: "eth1".into(),
+                xdp_mode: XdpMode::Skb,
+                hash_seed: 7,
+                ring_size: 1009,
+                max_vips: 8,
+                max_backends: 32,
+                max_conns: 4096,
+                mtu: Some(9000),
+                gateway_mac: Some("02:00:00:00:00:01".parse().unwrap()),
+                encap_source_v4: Some("198.18.254.0/23".parse().unwrap()),
+                encap_source_v6: Some("2001:db8:fe::/96".parse().unwrap()),
+            },
+            vips: vec![
+                VipConfig {
+                    name: "a".into(),
+                    address: "198.18.10.5".parse().unwrap(),
+                    port: 8080,
+                    protocol: Protocol::Udp,
+                    forwarding: Forwarding::L2dsr,
+                    affinity: true,
+                    backends: vec![BackendConfig {
+                        address: "198.18.20.5".parse().unwrap(),
+                        weight: 0,
+                        drain: true,
+                        mac: Some("02:00:00:00:20:05".parse().unwrap()),
+                    }],
+                },
+                VipConfig {
+                    name: "b".into(),
+                    address: "2001:db8:10::5".parse().unwrap(),
+                    port: 1,
+                    protocol: Protocol::Tcp,
+                    forwarding: Forwarding::Gue,
+                    affinity: false,
+                    backends: vec![backend("198.18.20.6", 10_000), backend("2001:db8:20::6", 1)],
+                },
+            ],
+        };
+        full.validate().unwrap();
+        let changed = {
+            let mut c = full.clone();
+            let a = &mut c.agent;
+            a.interface = "eth2".into();
+            a.xdp_mode = XdpMode::Native;
+            a.hash_seed = 8;
+            a.ring_size = 65537;
+            a.max_vips = 9;
+            a.max_backends = 33;
+            a.max_conns = 4097;
+            a.mtu = Some(1400);
+            a.gateway_mac = Some("02:00:00:00:00:02".parse().unwrap());
+            a.encap_source_v4 = Some("198.18.253.0/24".parse().unwrap());
+            a.encap_source_v6 = Some("2001:db8:fd::/120".parse().unwrap());
+            let v = &mut c.vips[0];
+            v.address = "198.18.10.6".parse().unwrap();
+            v.port = 8081;
+            v.protocol = Protocol::Tcp;
+            v.forwarding = Forwarding::Ipip;
+            v.affinity = false;
+            let b = &mut v.backends[0];
+            b.weight = 3;
+            b.drain = false;
+            b.mac = Some("02:00:00:00:20:06".parse().unwrap());
+            c.vips[1].backends[1].weight = 2;
+            c
+        };
+        changed.validate().unwrap();
+        let bare = {
+            let mut c = changed.clone();
+            c.agent.mtu = None;
+            c.agent.encap_source_v6 = None;
+            c.vips.truncate(1);
+            c.vips[0].backends[0].mac = None;
+            c
+        };
+        bare.validate().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lb.toml");
+        std::fs::write(
+            &p,
+            "[agent]\ninterface = \"eth0\"\ngateway_mac = \"02:00:00:00:00:fe\"\n",
+        )
+        .unwrap();
+        for (what, c) in [
+            ("full", &full),
+            ("changed", &changed),
+            ("bare", &bare),
+            ("full again", &full),
+        ] {
+            c.save(&p).unwrap();
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert_eq!(&Config::load(&p).unwrap(), c, "{what}:\n{text}");
+        }
     }
 }

@@ -393,6 +393,57 @@ fn cli_changes_are_written_to_the_config_file_and_survive_kill_9_and_restart() -
     Ok(())
 }
 
+/// The config file is the operator's: a CLI change edits what changed and keeps the rest,
+/// a symlinked config stays a symlink (its target is updated), the mode stays 0640.
+#[test]
+fn cli_changes_keep_the_files_comments_symlink_and_mode() -> Result<()> {
+    let h = host("")?;
+    let real_dir = h.config.parent().unwrap().join("real");
+    fs::create_dir(&real_dir)?;
+    let real = real_dir.join("lb.toml");
+    let text = agent_table(8, 1009).replace(
+        "[agent]\n",
+        "# Kept by hand: do not lose this.\n[agent]   # the agent\n",
+    ) + &WEB.replace("backends = [", "# the web backends\nbackends = [");
+    fs::write(&real, &text)?;
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o640))?;
+    fs::remove_file(&h.config)?;
+    std::os::unix::fs::symlink(&real, &h.config)?;
+    let a = Agent::start(&h.ns, &h.config)?;
+
+    a.lb(&[
+        "backend",
+        "add",
+        "web",
+        "198.18.20.2",
+        "--weight",
+        "7",
+        "--mac",
+        "02:00:00:00:20:02",
+    ])
+    .expect_ok("backend add");
+    a.lb(&["backend", "weight", "web", "198.18.20.1", "50"])
+        .expect_ok("backend weight");
+
+    assert!(
+        fs::symlink_metadata(&h.config)?.file_type().is_symlink(),
+        "the config is still a symlink"
+    );
+    assert_eq!(fs::read_link(&h.config)?, real);
+    let now = fs::read_to_string(&real)?;
+    let want = text.replace(
+        r#"backends = [{ address = "198.18.20.1", weight = 100, mac = "02:00:00:00:20:01" }]"#,
+        r#"backends = [{ address = "198.18.20.1", weight = 50, mac = "02:00:00:00:20:01" }, { address = "198.18.20.2", weight = 7, mac = "02:00:00:00:20:02" }]"#,
+    );
+    assert_eq!(now, want, "only the changed backends are rewritten");
+    assert_eq!(fs::metadata(&real)?.permissions().mode() & 0o7777, 0o640);
+    let names: Vec<_> = fs::read_dir(&real_dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(names, ["lb.toml"], "temporary files left beside the target");
+    Ok(())
+}
+
 #[test]
 fn sighup_applies_an_edited_config_file() -> Result<()> {
     let h = host(&(agent_table(8, 1009) + WEB))?;
