@@ -1012,6 +1012,15 @@ backends = [{{ address = "198.18.0.2", mac = "{}" }}]
     assert_eq!(vip["name"], "udp");
     assert_eq!(vip["packets"], total, "every datagram went through lb");
     assert_eq!(vip["new_flows"], 1, "one flow, created once");
+    // Under the VIP, its backend: the flow's counters and its connection-table entry (the
+    // sentinel names another backend).
+    let be = &vip["backends"][0];
+    assert_eq!(be["address"], "198.18.0.2");
+    assert_eq!(be["state"], "up");
+    assert_eq!(be["packets"], total);
+    assert_eq!(be["new_flows"], 1);
+    assert_eq!(be["conns"]["active"], 1, "{stats}");
+    assert_eq!(be["conns"]["inactive"], 0);
     assert_eq!(stats["reasons"]["tx_forward"], total);
     let decapped = decap.decap_counts()?[DecapReason::Decapped as usize];
     assert_eq!(decapped, total, "decapped on veth1");

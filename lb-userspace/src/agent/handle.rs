@@ -1,11 +1,15 @@
 //! Answering the CLI: one [`Request`] in, one [`Response`] out. Changes go through
 //! [`Agent::apply`] (validate, apply, persist); queries read the config and the maps.
+use std::collections::HashMap;
+
 use anyhow::{anyhow, bail, Result};
-use serde_json::json;
 
 use super::{pins::pin_dir, Agent};
 use crate::{
-    api::{Request, Response},
+    api::{
+        BackendRow, BackendState, BackendStats, Changed, Conns, Counters, Reply, Request, Response,
+        Stats, Status, VipBackendStats, VipRow, VipStats,
+    },
     reconcile::{self, Changes},
 };
 
@@ -65,90 +69,147 @@ impl Agent {
     }
 
     pub fn handle(&mut self, req: Request) -> Response {
-        if req.mutates() {
-            return match self.mutate(&req) {
-                Ok(c) => Response::ok(json!({ "rings_rebuilt": c.rings_rebuilt })),
-                Err(e) => Response::err(format!("{e:#}")),
-            };
-        }
-        let r: Result<serde_json::Value> = (|| {
-            Ok(match &req {
-                Request::VipList => json!(self
-                    .cfg
-                    .vips
-                    .iter()
-                    .map(|v| json!({
-                        "name": v.name, "address": v.address, "port": v.port,
-                        "protocol": v.protocol, "forwarding": v.forwarding, "affinity": v.affinity,
-                        "backends": v.backends.len(),
-                        "active": v.backends.iter().filter(|b| b.active()).count(),
-                    }))
-                    .collect::<Vec<_>>()),
-                Request::BackendList { vip } => {
-                    if let Some(n) = vip {
-                        self.cfg
-                            .vip(n)
-                            .ok_or_else(|| anyhow!("vip[{n}]: no such VIP"))?;
-                    }
-                    let mut out = Vec::new();
-                    for v in self
-                        .cfg
-                        .vips
-                        .iter()
-                        .filter(|v| vip.as_ref().is_none_or(|n| &v.name == n))
-                    {
-                        for b in &v.backends {
-                            out.push(json!({
-                                "vip": v.name, "address": b.address, "weight": b.weight,
-                                "drain": b.drain, "mac": b.mac, "id": self.backend_id(&b.address),
-                            }));
-                        }
-                    }
-                    json!(out)
-                }
-                Request::Status => {
-                    let prog = self.dp.program("lb")?.info()?;
-                    json!({
-                        "instance": self.instance,
-                        "config": self.config_path,
-                        "interface": self.cfg.agent.interface,
-                        "xdp_mode": self.cfg.agent.xdp_mode,
-                        "program_id": prog.id(),
-                        "adopted": self.adopted,
-                        "mtu": self.mtu,
-                        "vips": self.cfg.vips.len(),
-                        "backends": self.applied.backends.len(),
-                        "pins": pin_dir(&self.instance),
-                    })
-                }
-                Request::Stats => {
-                    let reasons = self.dp.reason_counts()?;
-                    let reasons: serde_json::Map<String, serde_json::Value> =
-                        lb_common::Reason::ALL
-                            .iter()
-                            .map(|r| (r.name().to_string(), json!(reasons[*r as usize])))
-                            .collect();
-                    let mut vips = Vec::new();
-                    for v in &self.cfg.vips {
-                        if let Some(a) = self.applied.vips.get(&reconcile::vip_key(v)) {
-                            let c = self.dp.vip_counters(a.meta.id)?;
-                            vips.push(json!({"name": v.name, "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows}));
-                        }
-                    }
-                    let mut backends = Vec::new();
-                    for (addr, (id, _)) in &self.applied.backends {
-                        let c = self.dp.backend_counters(*id)?;
-                        backends.push(json!({"address": addr, "id": id, "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows}));
-                    }
-                    json!({"reasons": reasons, "vips": vips, "backends": backends})
-                }
-                Request::Shutdown => json!({}),
-                _ => unreachable!(),
+        let reply = if req.mutates() {
+            self.mutate(&req).map(|c| {
+                Reply::Changed(Changed {
+                    rings_rebuilt: c.rings_rebuilt,
+                })
             })
-        })();
-        match r {
-            Ok(d) => Response::ok(d),
+        } else {
+            self.query(&req)
+        };
+        match reply {
+            Ok(r) => Response::ok(&r),
             Err(e) => Response::err(format!("{e:#}")),
         }
+    }
+
+    fn query(&mut self, req: &Request) -> Result<Reply> {
+        Ok(match req {
+            Request::VipList => Reply::Vips(
+                self.cfg
+                    .vips
+                    .iter()
+                    .map(|v| VipRow {
+                        name: v.name.clone(),
+                        address: v.address,
+                        port: v.port,
+                        protocol: v.protocol,
+                        forwarding: v.forwarding,
+                        affinity: v.affinity,
+                        backends: v.backends.len(),
+                        active: v.backends.iter().filter(|b| b.active()).count(),
+                    })
+                    .collect(),
+            ),
+            Request::BackendList { vip } => {
+                if let Some(n) = vip {
+                    self.cfg
+                        .vip(n)
+                        .ok_or_else(|| anyhow!("vip[{n}]: no such VIP"))?;
+                }
+                let vips = self.cfg.vips.iter();
+                let vips = vips.filter(|v| vip.as_ref().is_none_or(|n| &v.name == n));
+                Reply::Backends(
+                    vips.flat_map(|v| {
+                        v.backends.iter().map(|b| BackendRow {
+                            vip: v.name.clone(),
+                            address: b.address,
+                            weight: b.weight,
+                            drain: b.drain,
+                            mac: b.mac,
+                            id: self.backend_id(&b.address),
+                        })
+                    })
+                    .collect(),
+                )
+            }
+            Request::Status => Reply::Status(Status {
+                instance: self.instance.clone(),
+                config: self.config_path.clone(),
+                interface: self.cfg.agent.interface.clone(),
+                xdp_mode: self.cfg.agent.xdp_mode,
+                program_id: self.dp.program("lb")?.info()?.id(),
+                adopted: self.adopted,
+                mtu: self.mtu,
+                vips: self.cfg.vips.len(),
+                backends: self.applied.backends.len(),
+                pins: pin_dir(&self.instance),
+            }),
+            Request::Stats => Reply::Stats(self.stats()?),
+            Request::Shutdown => Reply::Done {},
+            _ => unreachable!("a change"),
+        })
+    }
+
+    fn stats(&self) -> Result<Stats> {
+        let counts = self.dp.reason_counts()?;
+        let reasons = lb_common::Reason::ALL
+            .iter()
+            .map(|r| (r.name().to_string(), counts[*r as usize]))
+            .collect();
+        let conns = self.conns()?;
+        let mut vips = Vec::new();
+        for v in &self.cfg.vips {
+            let Some(applied) = self.applied.vips.get(&reconcile::vip_key(v)) else {
+                continue;
+            };
+            let vip_id = applied.meta.id;
+            let mut backends = Vec::new();
+            for b in &v.backends {
+                let id = self.backend_id(&b.address);
+                let counters = match id {
+                    Some(id) => self.dp.backend_counters(id)?.into(),
+                    None => Counters::default(),
+                };
+                backends.push(VipBackendStats {
+                    address: b.address,
+                    id,
+                    weight: b.weight,
+                    state: BackendState::of(b),
+                    counters,
+                    conns: id
+                        .and_then(|id| conns.get(&(vip_id, id)))
+                        .copied()
+                        .unwrap_or_default(),
+                });
+            }
+            vips.push(VipStats {
+                name: v.name.clone(),
+                address: v.address,
+                port: v.port,
+                protocol: v.protocol,
+                counters: self.dp.vip_counters(vip_id)?.into(),
+                backends,
+            });
+        }
+        let backends = self
+            .applied
+            .backends
+            .iter()
+            .map(|(addr, (id, _))| {
+                Ok(BackendStats {
+                    address: *addr,
+                    id: *id,
+                    counters: self.dp.backend_counters(*id)?.into(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Stats {
+            reasons,
+            vips,
+            backends,
+        })
+    }
+
+    /// Connections by (VIP id, backend id): the connection-table entries of each. The
+    /// table keeps no TCP state, so every entry counts as active.
+    fn conns(&self) -> Result<HashMap<(u32, u32), Conns>> {
+        let mut out: HashMap<(u32, u32), Conns> = HashMap::new();
+        for entry in self.dp.conns.iter() {
+            let (_, c) = entry?;
+            out.entry((c.vip, c.backend)).or_default().active += 1;
+        }
+        Ok(out)
     }
 }
