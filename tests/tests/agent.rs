@@ -8,7 +8,7 @@ use std::{
     fs,
     net::{Ipv4Addr, UdpSocket},
     os::unix::fs::{FileTypeExt, PermissionsExt},
-    process::Command,
+    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -707,6 +707,94 @@ protocol = "tcp"
         assert_refused(&out, field, what);
         assert_eq!(state(&a), before, "{what}: state changed");
     }
+    Ok(())
+}
+
+#[test]
+fn lb_version_prints_the_version() {
+    for flag in ["--version", "-V"] {
+        let out = lb_command(Command::new(lb_tests::netns::lb_bin()).arg(flag));
+        assert_eq!(
+            out.expect_ok(flag),
+            format!("lb {}\n", env!("CARGO_PKG_VERSION")),
+            "lb {flag}"
+        );
+    }
+}
+
+/// `lb backend list | head -0`: the reader is gone before `lb` writes. That is not an
+/// error of `lb`: it exits 0 without a word (it used to panic, exit 101).
+#[test]
+fn cli_output_into_a_closed_pipe_exits_0_quietly() -> Result<()> {
+    let h = host(&(agent_table(8, 1009) + WEB))?;
+    let a = Agent::start(&h.ns, &h.config)?;
+    for args in [
+        &["backend", "list"][..],
+        &["--json", "stats"],
+        &["vip", "list"],
+        &["status"],
+    ] {
+        let (reader, writer) = std::io::pipe()?;
+        drop(reader);
+        let out = Command::new(lb_tests::netns::lb_bin())
+            .args(["--instance", a.instance()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "lb {}: {} ({stderr})",
+            args.join(" "),
+            out.status
+        );
+        assert_eq!(stderr, "", "lb {}", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Logs written to a file (not a terminal) carry no ANSI colour codes, also without
+/// NO_COLOR in the environment.
+#[test]
+fn agent_log_in_a_file_has_no_colour_codes() -> Result<()> {
+    let h = host(&(agent_table(8, 1009) + WEB))?;
+    // Not started: only its name, and at the end its `lb agent --stop`.
+    let guard = Agent::new(&h.ns, &h.config);
+    let log_path = h.config.with_file_name("agent.log");
+    let log = fs::File::create(&log_path)?;
+    let mut child = Command::new(lb_tests::netns::lb_bin())
+        .args(["agent", "--config"])
+        .arg(&h.config)
+        .args(["--instance", guard.instance(), "--netns", h.ns.name()])
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let ran = (|| -> Result<()> {
+        wait_for("the agent", Duration::from_secs(10), || {
+            lb_userspace::api::call(guard.instance(), &lb_userspace::api::Request::Status)
+                .is_ok_and(|r| r.ok)
+        });
+        // Also a warning-level line: a reload of a broken file.
+        fs::write(&h.config, "[agent\n")?;
+        if unsafe { libc::kill(child.id() as i32, libc::SIGHUP) } != 0 {
+            anyhow::bail!("kill -HUP: {}", std::io::Error::last_os_error());
+        }
+        wait_for("the refused reload", Duration::from_secs(5), || {
+            fs::read_to_string(&log_path).is_ok_and(|l| l.contains("reload refused"))
+        });
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    ran?;
+    let text = fs::read(&log_path)?;
+    let shown = String::from_utf8_lossy(&text);
+    assert!(shown.contains("data plane ready"), "{shown}");
+    assert!(!text.contains(&0x1b), "ESC in the log:\n{shown}");
     Ok(())
 }
 

@@ -1,7 +1,12 @@
 //! The `lb` command line: `lb agent` runs the agent, every other command sends one
 //! [`Request`] to a running agent and prints its typed reply as a table ([`tables`])
 //! or, with `--json`, as JSON.
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{
+    io::{IsTerminal, Write},
+    net::IpAddr,
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -15,10 +20,16 @@ use lb_userspace::{
 mod tables;
 
 #[derive(Parser)]
-#[command(name = "lb", about = "XDP layer-4 load balancer: agent and CLI")]
+#[command(
+    name = "lb",
+    version,
+    about = "XDP layer-4 load balancer: agent and CLI",
+    after_help = "Every command but `agent` talks to a running agent over its socket; \
+                  changes are validated, applied, then written to the agent's config file."
+)]
 pub struct Cli {
     /// Which agent: pins live under /sys/fs/bpf/NAME, the socket is /run/lb/NAME.sock.
-    #[arg(long, global = true, default_value = "lb")]
+    #[arg(long, global = true, default_value = "lb", value_name = "NAME")]
     instance: String,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -31,10 +42,11 @@ pub struct Cli {
 enum Cmd {
     /// Run the agent in the foreground (or, with --stop, detach and unpin everything).
     Agent {
-        #[arg(long, required_unless_present = "stop")]
+        /// The config file (TOML); CLI changes are written back to it.
+        #[arg(long, required_unless_present = "stop", value_name = "PATH")]
         config: Option<PathBuf>,
         /// Enter this network namespace (/run/netns/NAME) first.
-        #[arg(long)]
+        #[arg(long, value_name = "NAME")]
         netns: Option<String>,
         /// Stop a running agent, detach the XDP program and remove every pin.
         #[arg(long)]
@@ -52,62 +64,90 @@ enum Cmd {
     },
     /// What the agent runs.
     Status,
-    /// Counters: drop/pass reasons, per VIP, per backend.
+    /// Counters: per VIP and its backends (with connections), drop/pass reasons.
     Stats,
 }
 
 #[derive(Subcommand)]
 enum VipCmd {
+    /// Add a VIP without backends (add them with `lb backend add`).
     Add {
+        /// Its name in the config and the CLI: 1-64 of [A-Za-z0-9-_.].
         name: String,
+        /// The virtual IP address (IPv4 or IPv6).
         address: IpAddr,
+        /// The port clients connect to.
         port: u16,
+        /// The transport protocol.
         #[arg(value_enum)]
         protocol: Protocol,
+        /// How packets reach the backends.
         #[arg(long, value_enum, default_value_t = Forwarding::Ipip)]
         forwarding: Forwarding,
         /// Send every flow of a client to one backend.
         #[arg(long)]
         affinity: bool,
     },
+    /// Remove a VIP with its backends.
     Remove {
+        /// The VIP's name.
         name: String,
     },
+    /// List the VIPs.
     List,
 }
 
 #[derive(Subcommand)]
 enum BackendCmd {
+    /// Add a backend to a VIP.
     Add {
+        /// The VIP's name.
         vip: String,
+        /// The backend's address.
         address: IpAddr,
+        /// Share of new flows relative to the VIP's other backends (0-10000; 0 takes none).
         #[arg(long, default_value_t = DEFAULT_WEIGHT)]
         weight: u32,
+        /// Next-hop MAC of the backend (default: agent.gateway_mac), aa:bb:cc:dd:ee:ff.
         #[arg(long)]
         mac: Option<MacAddr>,
+        /// Add it draining: it gets no new flows.
         #[arg(long)]
         drain: bool,
     },
+    /// Remove a backend from a VIP; its flows go to the VIP's other backends.
     Remove {
+        /// The VIP's name.
         vip: String,
+        /// The backend's address.
         address: IpAddr,
     },
+    /// List the backends of one VIP, or of all.
     List {
+        /// Only this VIP's backends.
         vip: Option<String>,
     },
     /// Set the weight (0 takes no new flows).
     Weight {
+        /// The VIP's name.
         vip: String,
+        /// The backend's address.
         address: IpAddr,
+        /// The new weight, 0-10000.
         weight: u32,
     },
     /// Keep established flows, send no new ones.
     Drain {
+        /// The VIP's name.
         vip: String,
+        /// The backend's address.
         address: IpAddr,
     },
+    /// Take new flows again after `drain`.
     Undrain {
+        /// The VIP's name.
         vip: String,
+        /// The backend's address.
         address: IpAddr,
     },
 }
@@ -191,6 +231,8 @@ fn run_agent(
 ) -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in a log file or journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -221,7 +263,9 @@ fn run(cli: Cli) -> Result<()> {
     } else {
         tables::human(&reply)
     };
-    print!("{out}");
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(out.as_bytes())?;
+    stdout.flush()?;
     Ok(())
 }
 
@@ -229,9 +273,58 @@ fn run(cli: Cli) -> Result<()> {
 pub fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        // Whoever reads our output stopped reading (`lb backend list | head -1`): not
+        // an error of ours, and the answer was received.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lb: {e:#}");
+            let _ = writeln!(std::io::stderr(), "lb: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every command and every argument says what it is in `--help`.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                let at = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(at.clone());
+                }
+                walk(sub, &at, missing);
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} <{id}>"));
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        walk(&cmd, "lb", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
+
+    #[test]
+    fn version() {
+        let e = Cli::try_parse_from(["lb", "--version"]).err().unwrap();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert_eq!(e.to_string(), format!("lb {}\n", env!("CARGO_PKG_VERSION")));
+        let e = Cli::try_parse_from(["lb", "-V"]).err().unwrap();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
     }
 }
