@@ -887,6 +887,12 @@ encap_source_v6 = "{ENCAP_SOURCE_V6}"
                 a.config().display(),
                 a.log_path().display()
             );
+            if let Ok(cmd) = a.shell_command() {
+                s += &format!(
+                    "  restart it (after kill -9 or a rebuild it adopts the pinned maps and \
+                     link):\n    {cmd}\n"
+                );
+            }
             s += &format!(
                 "\n  {:<16} {:<22} {:<6} {:<6} {:<10} {}\n",
                 "VIP", "ADDRESS", "PORT", "PROTO", "MODE", "BACKENDS"
