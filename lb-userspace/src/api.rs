@@ -1,6 +1,10 @@
 //! The agent's control API: one JSON request per line over a Unix socket that only root
-//! can open (`/run/lb/<instance>.sock`, mode 0600), one JSON response per line back.
+//! can open (`/run/lb/<instance>.sock`, mode 0600), one JSON response per line back. The
+//! `data` of a successful response is the typed [`Reply`] to that request, the same types
+//! for the agent that builds it and the CLI that prints it.
 use std::{
+    collections::BTreeMap,
+    fmt,
     io::{BufRead, BufReader, Write},
     net::IpAddr,
     os::unix::net::UnixStream,
@@ -11,7 +15,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BackendConfig, VipConfig};
+use crate::config::{BackendConfig, Forwarding, MacAddr, Protocol, VipConfig, XdpMode};
 
 pub fn socket_path(instance: &str) -> PathBuf {
     PathBuf::from(format!("/run/lb/{instance}.sock"))
@@ -68,6 +72,196 @@ impl Request {
     }
 }
 
+/// The answer to a [`Request`]: which variant is fixed by the request ([`Reply::read`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// To every request that changes the configuration.
+    Changed(Changed),
+    /// `VipList`
+    Vips(Vec<VipRow>),
+    /// `BackendList`
+    Backends(Vec<BackendRow>),
+    Status(Status),
+    Stats(Stats),
+    /// `Shutdown`
+    Done {},
+}
+
+impl Reply {
+    /// The reply to `req` in a response's `data`.
+    pub fn read(req: &Request, data: serde_json::Value) -> Result<Reply> {
+        let r = match req {
+            _ if req.mutates() => Reply::Changed(serde_json::from_value(data)?),
+            Request::VipList => Reply::Vips(serde_json::from_value(data)?),
+            Request::BackendList { .. } => Reply::Backends(serde_json::from_value(data)?),
+            Request::Status => Reply::Status(serde_json::from_value(data)?),
+            Request::Stats => Reply::Stats(serde_json::from_value(data)?),
+            _ => Reply::Done {},
+        };
+        Ok(r)
+    }
+}
+
+/// A change was applied (and written to the config file).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changed {
+    /// Maglev rings rebuilt and swapped in.
+    pub rings_rebuilt: usize,
+}
+
+/// One VIP of `lb vip list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipRow {
+    pub name: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub affinity: bool,
+    /// Backends configured.
+    pub backends: usize,
+    /// Backends taking new flows.
+    pub active: usize,
+}
+
+/// One backend of one VIP in `lb backend list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendRow {
+    pub vip: String,
+    pub address: IpAddr,
+    pub weight: u32,
+    pub drain: bool,
+    pub mac: Option<MacAddr>,
+    /// Index in the BACKENDS map (the same for every VIP of this address).
+    pub id: Option<u32>,
+}
+
+/// `lb status`: what the agent runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub instance: String,
+    pub config: PathBuf,
+    pub interface: String,
+    pub xdp_mode: XdpMode,
+    pub program_id: u32,
+    /// Started on maps and a link pinned by an earlier agent.
+    pub adopted: bool,
+    /// How it started: `fresh`, `adopted` (pins as they were) or `migrated` (pins of other
+    /// sizes or layouts, moved to new maps).
+    pub start: crate::agent::Start,
+    pub mtu: u32,
+    pub vips: usize,
+    /// Backend ids in the maps: one per backend of each VIP.
+    pub backends: usize,
+    pub pins: PathBuf,
+}
+
+/// Packets, bytes and new flows counted by the data plane.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+impl From<lb_common::Counters> for Counters {
+    fn from(c: lb_common::Counters) -> Self {
+        Counters {
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: c.new_flows,
+        }
+    }
+}
+
+/// Connections of a backend in the connection table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conns {
+    pub active: u64,
+    pub inactive: u64,
+}
+
+/// Whether a backend takes new flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    /// Takes new flows in proportion to its weight.
+    Up,
+    /// Keeps its established flows, gets no new ones.
+    Draining,
+    /// Weight 0: gets no new flows.
+    #[serde(rename = "weight_0")]
+    Weight0,
+}
+
+impl BackendState {
+    pub fn of(b: &BackendConfig) -> BackendState {
+        if b.drain {
+            BackendState::Draining
+        } else if b.weight == 0 {
+            BackendState::Weight0
+        } else {
+            BackendState::Up
+        }
+    }
+}
+
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendState::Up => "up",
+            BackendState::Draining => "draining",
+            BackendState::Weight0 => "weight 0",
+        })
+    }
+}
+
+/// `lb stats`: the reason counters, then per VIP its counters and its backends'.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Every packet the `lb` program saw, by verdict reason (`tx_forward`, ...).
+    pub reasons: BTreeMap<String, u64>,
+    pub vips: Vec<VipStats>,
+    /// Every backend address once, its counters over all the VIPs it serves.
+    pub backends: Vec<BackendStats>,
+}
+
+/// One VIP of [`Stats`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipStats {
+    pub name: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(flatten)]
+    pub counters: Counters,
+    pub backends: Vec<VipBackendStats>,
+}
+
+/// One backend of one VIP in [`Stats`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipBackendStats {
+    pub address: IpAddr,
+    pub id: Option<u32>,
+    pub weight: u32,
+    pub state: BackendState,
+    /// Counted by the data plane for this backend of this VIP.
+    #[serde(flatten)]
+    pub counters: Counters,
+    /// Its connections of this VIP.
+    pub conns: Conns,
+}
+
+/// One backend address in [`Stats::backends`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStats {
+    pub address: IpAddr,
+    pub id: u32,
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
@@ -78,11 +272,11 @@ pub struct Response {
 }
 
 impl Response {
-    pub fn ok(data: serde_json::Value) -> Self {
+    pub fn ok(reply: &Reply) -> Self {
         Response {
             ok: true,
             error: None,
-            data,
+            data: serde_json::to_value(reply).expect("replies serialize"),
         }
     }
     pub fn err(e: impl std::fmt::Display) -> Self {
@@ -122,4 +316,13 @@ pub fn call(instance: &str, req: &Request) -> Result<Response> {
         bail!("the agent closed the connection without answering");
     }
     Ok(serde_json::from_str(&resp)?)
+}
+
+/// Send one request to a running agent: its typed reply, or the agent's error.
+pub fn request(instance: &str, req: &Request) -> Result<Reply> {
+    let resp = call(instance, req)?;
+    if !resp.ok {
+        bail!("{}", resp.error.unwrap_or_else(|| "failed".into()));
+    }
+    Reply::read(req, resp.data).context("the agent's answer")
 }

@@ -1,17 +1,21 @@
-//! The agent's configuration file: parsing, validation with messages that name the field,
-//! and atomic write-back (temporary file, fsync, rename) for changes made through the CLI.
+//! The agent's configuration file: parsing into typed values (serde), validation with
+//! messages that name the field, and the write-back of changes made through the CLI, which
+//! edits only what changed and replaces the file atomically ([`file`]).
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    io::Write,
     net::IpAddr,
     path::Path,
+    str::FromStr,
 };
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::maglev::{is_prime, next_prime};
+
+mod file;
 
 pub const MAX_WEIGHT: u32 = 10_000;
 pub const DEFAULT_WEIGHT: u32 = 100;
@@ -60,14 +64,118 @@ pub struct AgentConfig {
     pub mtu: Option<u32>,
     /// Next hop for backends without a `mac` of their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway_mac: Option<String>,
+    pub gateway_mac: Option<MacAddr>,
     /// Outer IPv4 source of encapsulated packets, as a prefix: its host bits carry flow
     /// entropy, e.g. "198.18.255.0/24". Required if a VIP encapsulates to IPv4 backends.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub encap_source_v4: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "encap_source_v4"
+    )]
+    pub encap_source_v4: Option<Ipv4Net>,
     /// Same for IPv6, e.g. "2001:db8:ff::/112" (entropy in at most the low 32 bits).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub encap_source_v6: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "encap_source_v6"
+    )]
+    pub encap_source_v6: Option<Ipv6Net>,
+}
+
+/// An optional prefix, or an error that says what was expected (ipnet's own says only
+/// "invalid IP address syntax").
+fn prefix<'de, D: Deserializer<'de>, N: FromStr>(
+    d: D,
+    family: u8,
+    example: &str,
+) -> Result<Option<N>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|s| {
+            s.parse().map_err(|_| {
+                de::Error::custom(format!("{s:?} is not an IPv{family} prefix like {example}"))
+            })
+        })
+        .transpose()
+}
+
+fn encap_source_v4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Net>, D::Error> {
+    prefix(d, 4, "198.18.255.0/24")
+}
+
+fn encap_source_v6<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv6Net>, D::Error> {
+    prefix(d, 6, "2001:db8:ff::/112")
+}
+
+/// A MAC address, written "aa:bb:cc:dd:ee:ff" in the config file and on the command line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    pub fn octets(self) -> [u8; 6] {
+        self.0
+    }
+}
+
+impl From<[u8; 6]> for MacAddr {
+    fn from(octets: [u8; 6]) -> Self {
+        MacAddr(octets)
+    }
+}
+
+/// Why a string is not a [`MacAddr`]: it says what was given and what is expected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MacParseError(String);
+
+impl fmt::Display for MacParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} is not a MAC address (aa:bb:cc:dd:ee:ff)", self.0)
+    }
+}
+
+impl std::error::Error for MacParseError {}
+
+impl FromStr for MacAddr {
+    type Err = MacParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || MacParseError(s.to_string());
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for m in mac.iter_mut() {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad());
+            }
+            *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
 }
 
 fn default_seed() -> u32 {
@@ -174,7 +282,7 @@ pub struct BackendConfig {
     pub drain: bool,
     /// Next-hop MAC of this backend (else `agent.gateway_mac`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mac: Option<String>,
+    pub mac: Option<MacAddr>,
 }
 
 impl BackendConfig {
@@ -206,28 +314,31 @@ fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, Fiel
     })
 }
 
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let mut mac = [0u8; 6];
-    for (m, p) in mac.iter_mut().zip(parts) {
-        if p.len() != 2 {
-            return None;
+/// Why `addr` cannot be the address of a VIP or a backend, if it cannot: no packet to or
+/// from it can be load balanced.
+pub fn unusable_address(addr: IpAddr) -> Option<String> {
+    let why = match addr {
+        IpAddr::V4(a) if a.is_unspecified() => "the unspecified address",
+        IpAddr::V4(a) if a.is_loopback() => "a loopback address",
+        IpAddr::V4(a) if a.is_broadcast() => "the broadcast address",
+        IpAddr::V4(a) if a.is_multicast() => "a multicast address",
+        IpAddr::V6(a) => {
+            if let Some(v4) = a.to_ipv4_mapped() {
+                return Some(format!("{a} is an IPv4-mapped IPv6 address: write {v4}"));
+            }
+            if a.is_unspecified() {
+                "the unspecified address"
+            } else if a.is_loopback() {
+                "the loopback address"
+            } else if a.is_multicast() {
+                "a multicast address"
+            } else {
+                return None;
+            }
         }
-        *m = u8::from_str_radix(p, 16).ok()?;
-    }
-    Some(mac)
-}
-
-/// "198.18.255.0/24" → (address, prefix length).
-pub fn parse_prefix(s: &str) -> Option<(IpAddr, u8)> {
-    let (a, l) = s.split_once('/')?;
-    let addr: IpAddr = a.parse().ok()?;
-    let len: u8 = l.parse().ok()?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    (len <= max).then_some((addr, len))
+        IpAddr::V4(_) => return None,
+    };
+    Some(format!("{addr} is {why}"))
 }
 
 impl Config {
@@ -244,32 +355,25 @@ impl Config {
         Config::parse(&text).with_context(|| format!("in {}", path.display()))
     }
 
-    /// Write atomically: a temporary file beside the target, fsync, rename, fsync the dir.
+    /// Write this config to `path`, the operator's file: only what differs from what the
+    /// file says is edited (its comments and layout stay), and the file is replaced
+    /// atomically with its mode and owner; a symlink stays a symlink to an updated target.
+    /// A file that does not exist yet is written whole.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = toml::to_string_pretty(self)?;
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(
-            ".{}.tmp{}",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("lb.toml"),
-            std::process::id()
-        ));
-        {
-            let mut f = std::fs::File::create(&tmp)
-                .with_context(|| format!("creating {}", tmp.display()))?;
-            f.write_all(b"# Written by the lb agent; edit freely, then `kill -HUP` it.\n")?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        let target = file::resolve(path)?;
+        let (text, like) = match std::fs::read_to_string(&target) {
+            Ok(old) => {
+                let text = file::edit(&old, self)
+                    .with_context(|| format!("updating {}", target.display()))?;
+                (text, Some(std::fs::metadata(&target)?))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                format!("{}{}", file::HEADER, toml::to_string_pretty(self)?),
+                None,
+            ),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", target.display())),
+        };
+        file::write_atomically(&target, text.as_bytes(), like.as_ref())
     }
 
     pub fn vip(&self, name: &str) -> Option<&VipConfig> {
@@ -294,75 +398,7 @@ impl Config {
     /// Every rule a running agent relies on. The error names the first offending field.
     pub fn validate(&self) -> Result<(), FieldError> {
         let a = &self.agent;
-        if a.interface.is_empty() {
-            return err("agent.interface", "must name a network interface");
-        }
-        if !is_prime(a.ring_size) {
-            return err(
-                "agent.ring_size",
-                format!(
-                    "{} is not prime (the next prime is {})",
-                    a.ring_size,
-                    next_prime(a.ring_size.min(u32::MAX - 1000))
-                ),
-            );
-        }
-        if a.ring_size > 1 << 22 {
-            return err(
-                "agent.ring_size",
-                format!("{} is larger than the maximum {}", a.ring_size, 1 << 22),
-            );
-        }
-        for (field, v, lo, hi) in [
-            ("agent.max_vips", a.max_vips, 1, 4096),
-            ("agent.max_backends", a.max_backends, 1, 1 << 16),
-            ("agent.max_conns", a.max_conns, 1024, 1 << 27),
-        ] {
-            if v < lo || v > hi {
-                return err(field, format!("{v} is out of range {lo}..={hi}"));
-            }
-        }
-        if let Some(m) = a.mtu {
-            if !(576..=9216).contains(&m) {
-                return err("agent.mtu", format!("{m} is out of range 576..=9216"));
-            }
-        }
-        if let Some(m) = &a.gateway_mac {
-            if parse_mac(m).is_none() {
-                return err(
-                    "agent.gateway_mac",
-                    format!("{m:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
-                );
-            }
-        }
-        for (field, v, six) in [
-            ("agent.encap_source_v4", &a.encap_source_v4, false),
-            ("agent.encap_source_v6", &a.encap_source_v6, true),
-        ] {
-            if let Some(p) = v {
-                match parse_prefix(p) {
-                    Some((addr, len)) if addr.is_ipv6() == six => {
-                        if six && len < 96 {
-                            return err(field, format!("/{len}: at most the low 32 bits can carry entropy (use /96 or longer)"));
-                        }
-                    }
-                    _ => {
-                        return err(
-                            field,
-                            format!(
-                                "{p:?} is not an IPv{} prefix like {}",
-                                if six { 6 } else { 4 },
-                                if six {
-                                    "2001:db8:ff::/112"
-                                } else {
-                                    "198.18.255.0/24"
-                                }
-                            ),
-                        )
-                    }
-                }
-            }
-        }
+        a.validate()?;
         if self.vips.len() > a.max_vips as usize {
             return err(
                 "vip",
@@ -377,24 +413,10 @@ impl Config {
         let mut keys = HashMap::new();
         let mut backends = HashSet::new();
         for v in &self.vips {
-            let at = format!("vip[{}]", v.name);
-            if v.name.is_empty()
-                || v.name.len() > 64
-                || !v
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                return err(
-                    format!("{at}.name"),
-                    "must be 1-64 characters of [A-Za-z0-9-_.]",
-                );
-            }
+            v.validate(a)?;
+            let at = v.field();
             if !names.insert(&v.name) {
                 return err(format!("{at}.name"), "duplicate VIP name");
-            }
-            if v.port == 0 {
-                return err(format!("{at}.port"), "must be 1-65535");
             }
             if let Some(other) = keys.insert((v.address, v.port, v.protocol), &v.name) {
                 return err(
@@ -405,71 +427,7 @@ impl Config {
                     ),
                 );
             }
-            let mut addrs = HashSet::new();
-            let mut active = 0;
-            for (i, b) in v.backends.iter().enumerate() {
-                let bat = format!("{at}.backends[{i}]");
-                if !addrs.insert(b.address) {
-                    return err(
-                        format!("{bat}.address"),
-                        format!("duplicate backend {}", b.address),
-                    );
-                }
-                if b.weight > MAX_WEIGHT {
-                    return err(
-                        format!("{bat}.weight"),
-                        format!("{} is out of range 0..={MAX_WEIGHT}", b.weight),
-                    );
-                }
-                if v.address.is_ipv6() && b.address.is_ipv4() && v.forwarding == Forwarding::Ipip {
-                    return err(format!("{bat}.address"), "ipip cannot carry an IPv6 VIP to an IPv4 backend (use gue or an IPv6 backend)");
-                }
-                if v.forwarding == Forwarding::L2dsr && v.address.is_ipv4() != b.address.is_ipv4() {
-                    return err(
-                        format!("{bat}.address"),
-                        "l2dsr needs a backend of the VIP's address family",
-                    );
-                }
-                match &b.mac {
-                    Some(m) if parse_mac(m).is_none() => {
-                        return err(
-                            format!("{bat}.mac"),
-                            format!("{m:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
-                        );
-                    }
-                    None if a.gateway_mac.is_none() => {
-                        return err(
-                            format!("{bat}.mac"),
-                            "required when agent.gateway_mac is not set",
-                        );
-                    }
-                    _ => {}
-                }
-                if v.forwarding != Forwarding::L2dsr {
-                    let (field, src) = if b.address.is_ipv4() {
-                        ("agent.encap_source_v4", &a.encap_source_v4)
-                    } else {
-                        ("agent.encap_source_v6", &a.encap_source_v6)
-                    };
-                    if src.is_none() {
-                        return err(
-                            field,
-                            format!("required: {at} encapsulates to {}", b.address),
-                        );
-                    }
-                }
-                active += b.active() as u32;
-                backends.insert(b.address);
-            }
-            if active as u64 * 10 > a.ring_size as u64 {
-                return err(
-                    "agent.ring_size",
-                    format!(
-                        "{} is too small for the {active} backends of {at}",
-                        a.ring_size
-                    ),
-                );
-            }
+            backends.extend(v.backends.iter().map(|b| b.address));
         }
         if backends.len() > a.max_backends as usize {
             return err(
@@ -480,6 +438,156 @@ impl Config {
                     a.max_backends
                 ),
             );
+        }
+        Ok(())
+    }
+}
+
+impl AgentConfig {
+    /// The `[agent]` table on its own.
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.interface.is_empty() {
+            return err("agent.interface", "must name a network interface");
+        }
+        if !is_prime(self.ring_size) {
+            return err(
+                "agent.ring_size",
+                format!(
+                    "{} is not prime (the next prime is {})",
+                    self.ring_size,
+                    next_prime(self.ring_size.min(u32::MAX - 1000))
+                ),
+            );
+        }
+        if self.ring_size > 1 << 22 {
+            return err(
+                "agent.ring_size",
+                format!("{} is larger than the maximum {}", self.ring_size, 1 << 22),
+            );
+        }
+        for (field, v, lo, hi) in [
+            ("agent.max_vips", self.max_vips, 1, 4096),
+            ("agent.max_backends", self.max_backends, 1, 1 << 16),
+            ("agent.max_conns", self.max_conns, 1024, 1 << 27),
+        ] {
+            if v < lo || v > hi {
+                return err(field, format!("{v} is out of range {lo}..={hi}"));
+            }
+        }
+        if let Some(m) = self.mtu {
+            if !(576..=9216).contains(&m) {
+                return err("agent.mtu", format!("{m} is out of range 576..=9216"));
+            }
+        }
+        if let Some(p) = self.encap_source_v6 {
+            if p.prefix_len() < 96 {
+                return err(
+                    "agent.encap_source_v6",
+                    format!(
+                        "/{}: at most the low 32 bits can carry entropy (use /96 or longer)",
+                        p.prefix_len()
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VipConfig {
+    /// `vip[NAME]`: how messages name this VIP.
+    pub fn field(&self) -> String {
+        format!("vip[{}]", self.name)
+    }
+
+    /// This VIP and its backends on their own (not against the other VIPs).
+    fn validate(&self, agent: &AgentConfig) -> Result<(), FieldError> {
+        let at = self.field();
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return err(
+                format!("{at}.name"),
+                "must be 1-64 characters of [A-Za-z0-9-_.]",
+            );
+        }
+        if let Some(why) = unusable_address(self.address) {
+            return err(format!("{at}.address"), why);
+        }
+        if self.port == 0 {
+            return err(format!("{at}.port"), "must be 1-65535");
+        }
+        let mut addrs = HashSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let bat = format!("{at}.backends[{i}]");
+            if !addrs.insert(b.address) {
+                return err(
+                    format!("{bat}.address"),
+                    format!("duplicate backend {}", b.address),
+                );
+            }
+            b.validate(&bat, self, agent)?;
+        }
+        let active = self.backends.iter().filter(|b| b.active()).count();
+        if active as u64 * 10 > agent.ring_size as u64 {
+            return err(
+                "agent.ring_size",
+                format!(
+                    "{} is too small for the {active} backends of {at}",
+                    agent.ring_size
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl BackendConfig {
+    /// One backend of `vip`; `at` names it (`vip[NAME].backends[I]`).
+    fn validate(&self, at: &str, vip: &VipConfig, agent: &AgentConfig) -> Result<(), FieldError> {
+        if let Some(why) = unusable_address(self.address) {
+            return err(format!("{at}.address"), why);
+        }
+        if self.weight > MAX_WEIGHT {
+            return err(
+                format!("{at}.weight"),
+                format!("{} is out of range 0..={MAX_WEIGHT}", self.weight),
+            );
+        }
+        if vip.address.is_ipv6() && self.address.is_ipv4() && vip.forwarding == Forwarding::Ipip {
+            return err(
+                format!("{at}.address"),
+                "ipip cannot carry an IPv6 VIP to an IPv4 backend (use gue or an IPv6 backend)",
+            );
+        }
+        if vip.forwarding == Forwarding::L2dsr && vip.address.is_ipv4() != self.address.is_ipv4() {
+            return err(
+                format!("{at}.address"),
+                "l2dsr needs a backend of the VIP's address family",
+            );
+        }
+        if self.mac.is_none() && agent.gateway_mac.is_none() {
+            return err(
+                format!("{at}.mac"),
+                "required when agent.gateway_mac is not set",
+            );
+        }
+        if vip.forwarding != Forwarding::L2dsr {
+            let (field, missing) = if self.address.is_ipv4() {
+                ("agent.encap_source_v4", agent.encap_source_v4.is_none())
+            } else {
+                ("agent.encap_source_v6", agent.encap_source_v6.is_none())
+            };
+            if missing {
+                return err(
+                    field,
+                    format!("required: {} encapsulates to {}", vip.field(), self.address),
+                );
+            }
         }
         Ok(())
     }
@@ -516,12 +624,10 @@ backends = [
     #[test]
     fn a_good_config_round_trips_through_save() {
         let c = Config::parse(GOOD).unwrap();
-        let dir = std::env::temp_dir().join(format!("lbcfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("lb.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lb.toml");
         c.save(&p).unwrap();
         assert_eq!(Config::load(&p).unwrap(), c);
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
@@ -561,7 +667,6 @@ backends = [
         assert!(
             with(|c| c.agent.gateway_mac = None).starts_with("vip[web].backends[0].mac: required")
         );
-        assert!(with(|c| c.agent.gateway_mac = Some("zz".into())).starts_with("agent.gateway_mac"));
         assert!(
             with(|c| c.agent.encap_source_v4 = None).starts_with("agent.encap_source_v4: required")
         );
@@ -571,5 +676,526 @@ backends = [
         })
         .contains("exceed agent.max_backends"));
         assert!(with(|c| c.vips[0].port = 0).starts_with("vip[web].port"));
+    }
+
+    /// Parse errors of typed values: what was given, what is expected, where.
+    #[test]
+    fn values_are_parsed_into_types_with_reasons() {
+        let e = format!(
+            "{:#}",
+            Config::parse(&GOOD.replace("02:00:00:00:00:fe", "02:00:00:00:fe")).unwrap_err()
+        );
+        assert!(
+            e.contains("\"02:00:00:00:fe\" is not a MAC address (aa:bb:cc:dd:ee:ff)")
+                && e.contains("gateway_mac"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            Config::parse(&GOOD.replace("198.18.255.0/24", "198.18.255.0/33")).unwrap_err()
+        );
+        assert!(
+            e.contains("\"198.18.255.0/33\" is not an IPv4 prefix like 198.18.255.0/24")
+                && e.contains("encap_source_v4"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            Config::parse(&GOOD.replace("2001:db8:ff::/112", "198.18.255.0/24")).unwrap_err()
+        );
+        assert!(e.contains("is not an IPv6 prefix like"), "{e}");
+        assert!(
+            with(|c| c.agent.encap_source_v6 = Some("2001:db8:ff::/64".parse().unwrap()))
+                .starts_with("agent.encap_source_v6: /64: at most the low 32 bits")
+        );
+
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(
+            c.agent.gateway_mac,
+            Some(MacAddr([2, 0, 0, 0, 0, 0xfe])),
+            "parsed once, into bytes"
+        );
+        let v4 = c.agent.encap_source_v4.unwrap();
+        assert_eq!(
+            (v4.addr().to_string(), v4.prefix_len()),
+            ("198.18.255.0".into(), 24)
+        );
+        assert_eq!(
+            c.vips[0].backends[1].mac.unwrap().to_string(),
+            "02:00:00:00:20:0c"
+        );
+    }
+
+    #[test]
+    fn mac_addresses_parse_and_print() {
+        let m: MacAddr = "02:AB:cd:00:20:0c".parse().unwrap();
+        assert_eq!(m.octets(), [0x02, 0xab, 0xcd, 0x00, 0x20, 0x0c]);
+        assert_eq!(m.to_string(), "02:ab:cd:00:20:0c");
+        for bad in [
+            "",
+            "02:00:00:00:20",
+            "02:00:00:00:20:0c:01",
+            "02:00:00:00:20:c",
+            "02:00:00:00:20:+c",
+            "02-00-00-00-20-0c",
+            "zz:00:00:00:20:0c",
+        ] {
+            let e = bad.parse::<MacAddr>().unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("{bad:?} is not a MAC address (aa:bb:cc:dd:ee:ff)")
+            );
+        }
+    }
+
+    #[test]
+    fn addresses_that_cannot_work_are_refused_naming_the_field() {
+        let cases = [
+            ("0.0.0.0", "0.0.0.0 is the unspecified address"),
+            ("::", ":: is the unspecified address"),
+            ("127.0.0.1", "127.0.0.1 is a loopback address"),
+            ("127.1.2.3", "127.1.2.3 is a loopback address"),
+            ("::1", "::1 is the loopback address"),
+            (
+                "255.255.255.255",
+                "255.255.255.255 is the broadcast address",
+            ),
+            ("224.0.0.1", "224.0.0.1 is a multicast address"),
+            ("239.1.2.3", "239.1.2.3 is a multicast address"),
+            ("ff02::1", "ff02::1 is a multicast address"),
+            (
+                "::ffff:198.18.20.14",
+                "::ffff:198.18.20.14 is an IPv4-mapped IPv6 address: write 198.18.20.14",
+            ),
+        ];
+        for (addr, why) in cases {
+            let ip: IpAddr = addr.parse().unwrap();
+            assert_eq!(
+                with(|c| c.vips[0].address = ip),
+                format!("vip[web].address: {why}")
+            );
+            assert_eq!(
+                with(|c| {
+                    // gue carries either family to either family: only the address is wrong.
+                    c.vips[0].forwarding = Forwarding::Gue;
+                    c.vips[0].backends[1].address = ip;
+                }),
+                format!("vip[web].backends[1].address: {why}")
+            );
+        }
+        for ok in ["198.18.20.14", "2001:db8::14", "10.0.0.1", "198.51.100.255"] {
+            assert_eq!(unusable_address(ok.parse().unwrap()), None, "{ok}");
+        }
+        // Also when read from the file.
+        let e = Config::parse(&GOOD.replace("198.18.20.12", "::ffff:198.18.20.12"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("write 198.18.20.12"), "{e}");
+    }
+
+    /// The operator's file, with comments everywhere and both ways of writing backends.
+    const COMMENTED: &str = r#"# LB config, kept by hand.
+[agent]
+interface = "eth0"
+xdp_mode = "native"                 # native | skb | auto
+hash_seed = 1793773                 # the same on every LB host
+gateway_mac = "02:00:00:00:00:fe"   # next hop of backends without a mac
+encap_source_v4 = "198.18.255.0/24" # outer source
+encap_source_v6 = "2001:db8:ff::/112"
+
+# The web site.
+[[vip]]
+name = "web"            # what the CLI calls it
+address = "198.18.10.1"
+port = 80
+protocol = "tcp"
+backends = [
+  # rack 1
+  { address = "198.18.20.11", weight = 100 },  # the big one
+  { address = "198.18.20.12", weight = 50, drain = true },
+  { address = "198.18.20.13", weight = 50 },   # small
+]
+
+# DNS, one table per backend.
+[[vip]]
+name = "dns"
+address = "198.18.10.2"
+port = 53
+protocol = "udp"
+forwarding = "gue"
+
+[[vip.backends]]
+address = "198.18.20.21" # first
+weight = 10
+
+# second
+[[vip.backends]]
+address = "198.18.20.22"
+
+# end of file
+"#;
+
+    fn save_to(dir: &Path, text: &str, change: impl FnOnce(&mut Config)) -> (Config, String) {
+        let p = dir.join("lb.toml");
+        std::fs::write(&p, text).unwrap();
+        let mut c = Config::load(&p).unwrap();
+        change(&mut c);
+        c.save(&p).unwrap();
+        let written = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(Config::parse(&written).unwrap(), c, "{written}");
+        (c, written)
+    }
+
+    fn backend(address: &str, weight: u32) -> BackendConfig {
+        BackendConfig {
+            address: address.parse().unwrap(),
+            weight,
+            drain: false,
+            mac: None,
+        }
+    }
+
+    #[test]
+    fn backend_changes_keep_the_operators_comments_and_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, text) = save_to(dir.path(), COMMENTED, |c| {
+            let web = c.vip_mut("web").unwrap();
+            web.backends.remove(0); // with its comments
+            web.backends[0].drain = false;
+            web.backends[1].weight = 3;
+            web.backends.push(BackendConfig {
+                mac: Some("02:00:00:00:20:0e".parse().unwrap()),
+                ..backend("198.18.20.14", 7)
+            });
+            let dns = c.vip_mut("dns").unwrap();
+            dns.backends[0].weight = 11;
+            dns.backends.push(BackendConfig {
+                drain: true,
+                ..backend("198.18.20.23", 100)
+            });
+        });
+        let want = COMMENTED
+            .replace(
+                r#"  # rack 1
+  { address = "198.18.20.11", weight = 100 },  # the big one
+  { address = "198.18.20.12", weight = 50, drain = true },
+  { address = "198.18.20.13", weight = 50 },   # small
+"#,
+                r#"  { address = "198.18.20.12", weight = 50 },
+  { address = "198.18.20.13", weight = 3 },   # small
+  { address = "198.18.20.14", weight = 7, mac = "02:00:00:00:20:0e" },
+"#,
+            )
+            .replace(
+                "address = \"198.18.20.21\" # first\nweight = 10\n",
+                "address = \"198.18.20.21\" # first\nweight = 11\n",
+            )
+            .replace(
+                "address = \"198.18.20.22\"\n",
+                "address = \"198.18.20.22\"\n\n[[vip.backends]]\naddress = \"198.18.20.23\"\nweight = 100\ndrain = true\n",
+            );
+        assert_eq!(text, want);
+
+        // Removing the last backend of each; adding a key to an inline entry.
+        let (_, text) = save_to(dir.path(), COMMENTED, |c| {
+            let web = c.vip_mut("web").unwrap();
+            web.backends.pop();
+            web.backends[0].drain = true;
+            c.vip_mut("dns").unwrap().backends.pop();
+        });
+        let want = COMMENTED
+            .replace(
+                r#"  { address = "198.18.20.11", weight = 100 },  # the big one
+  { address = "198.18.20.12", weight = 50, drain = true },
+  { address = "198.18.20.13", weight = 50 },   # small
+"#,
+                r#"  { address = "198.18.20.11", weight = 100, drain = true },  # the big one
+  { address = "198.18.20.12", weight = 50, drain = true },
+"#,
+            )
+            .replace(
+                "\n# second\n[[vip.backends]]\naddress = \"198.18.20.22\"\n",
+                "",
+            );
+        assert_eq!(text, want);
+    }
+
+    #[test]
+    fn vip_and_agent_changes_keep_the_operators_comments_and_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, text) = save_to(dir.path(), COMMENTED, |c| {
+            c.agent.xdp_mode = XdpMode::Auto;
+            c.agent.encap_source_v6 = None;
+            c.agent.mtu = Some(1500);
+            c.vips.retain(|v| v.name != "web");
+            c.vips.push(VipConfig {
+                name: "new".into(),
+                address: "2001:db8:10::1".parse().unwrap(),
+                port: 443,
+                protocol: Protocol::Tcp,
+                forwarding: Forwarding::Gue,
+                affinity: true,
+                backends: vec![backend("198.18.20.11", 5), backend("198.18.20.15", 6)],
+            });
+            c.vip_mut("dns").unwrap().port = 5353;
+        });
+        let want = r#"# LB config, kept by hand.
+[agent]
+interface = "eth0"
+xdp_mode = "auto"                 # native | skb | auto
+hash_seed = 1793773                 # the same on every LB host
+gateway_mac = "02:00:00:00:00:fe"   # next hop of backends without a mac
+encap_source_v4 = "198.18.255.0/24" # outer source
+mtu = 1500
+
+# DNS, one table per backend.
+[[vip]]
+name = "dns"
+address = "198.18.10.2"
+port = 5353
+protocol = "udp"
+forwarding = "gue"
+
+[[vip.backends]]
+address = "198.18.20.21" # first
+weight = 10
+
+# second
+[[vip.backends]]
+address = "198.18.20.22"
+
+[[vip]]
+name = "new"
+address = "2001:db8:10::1"
+port = 443
+protocol = "tcp"
+forwarding = "gue"
+affinity = true
+backends = [
+  { address = "198.18.20.11", weight = 5 },
+  { address = "198.18.20.15", weight = 6 },
+]
+
+# end of file
+"#;
+        assert_eq!(text, want);
+        // A VIP without backends, then its first backend.
+        let (_, text) = save_to(dir.path(), &text, |c| {
+            c.vips.push(VipConfig {
+                name: "empty".into(),
+                backends: vec![],
+                ..c.vips[0].clone()
+            });
+            c.vips[2].port = 5354;
+        });
+        assert!(
+            text.ends_with(
+                "\n[[vip]]\nname = \"empty\"\naddress = \"198.18.10.2\"\nport = 5354\n\
+                 protocol = \"udp\"\nforwarding = \"gue\"\nbackends = []\n\n# end of file\n"
+            ),
+            "{text}"
+        );
+        let (_, text) = save_to(dir.path(), &text, |c| {
+            c.vips[2].backends.push(backend("198.18.20.30", 1));
+        });
+        assert!(
+            text.contains(
+                "backends = [\n  { address = \"198.18.20.30\", weight = 1 },\n]\n\n# end of file\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_unchanged_config_leaves_the_file_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, text) = save_to(dir.path(), COMMENTED, |_| {});
+        assert_eq!(text, COMMENTED);
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_any_more_is_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lb.toml");
+        let c = Config::parse(GOOD).unwrap();
+        let broken = GOOD.replace("port = 80", "port = \"eighty\"");
+        std::fs::write(&p, &broken).unwrap();
+        let e = format!("{:#}", c.save(&p).unwrap_err());
+        assert!(
+            e.contains("does not parse") && e.contains("kill -HUP"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), broken);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+    }
+
+    #[test]
+    fn a_symlinked_config_stays_a_symlink_and_its_target_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::fs::write(real.join("lb.toml"), COMMENTED).unwrap();
+        let link = dir.path().join("lb.toml");
+        std::os::unix::fs::symlink("real/lb.toml", &link).unwrap();
+
+        let mut c = Config::load(&link).unwrap();
+        c.vip_mut("web").unwrap().backends[0].weight = 99;
+        c.save(&link).unwrap();
+
+        let meta = std::fs::symlink_metadata(&link).unwrap();
+        assert!(meta.file_type().is_symlink(), "the link was replaced");
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            Path::new("real/lb.toml")
+        );
+        let target = std::fs::read_to_string(real.join("lb.toml")).unwrap();
+        assert!(target.contains("weight = 99 },  # the big one"), "{target}");
+        assert_eq!(Config::load(&link).unwrap(), c);
+        let names = |d: &Path| -> Vec<String> {
+            std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names(&real), ["lb.toml"], "temporary files left");
+        let mut top = names(dir.path());
+        top.sort();
+        assert_eq!(top, ["lb.toml", "real"]);
+    }
+
+    #[test]
+    fn mode_and_owner_are_kept() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lb.toml");
+        std::fs::write(&p, GOOD).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let root = unsafe { libc::geteuid() } == 0;
+        if root {
+            std::os::unix::fs::chown(&p, Some(4321), Some(4322)).unwrap();
+        }
+        let before = std::fs::metadata(&p).unwrap();
+        let mut c = Config::load(&p).unwrap();
+        c.vips[0].backends[0].weight = 7;
+        c.save(&p).unwrap();
+        let after = std::fs::metadata(&p).unwrap();
+        assert_ne!(after.ino(), before.ino(), "replaced by rename");
+        assert_eq!(after.mode() & 0o7777, 0o640);
+        assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+        if root {
+            assert_eq!((after.uid(), after.gid()), (4321, 4322));
+        }
+        // A new file: 0644.
+        let q = dir.path().join("new.toml");
+        c.save(&q).unwrap();
+        assert_eq!(std::fs::metadata(&q).unwrap().mode() & 0o7777, 0o644);
+        assert!(std::fs::read_to_string(&q)
+            .unwrap()
+            .starts_with("# Written by the lb agent"));
+    }
+
+    /// Every field set, changed, and unset again, written into a file that says little.
+    #[test]
+    fn every_field_round_trips_through_the_file() {
+        let full = Config {
+            agent: AgentConfig {
+                interface: "eth1".into(),
+                xdp_mode: XdpMode::Skb,
+                hash_seed: 7,
+                ring_size: 1009,
+                max_vips: 8,
+                max_backends: 32,
+                max_conns: 4096,
+                mtu: Some(9000),
+                gateway_mac: Some("02:00:00:00:00:01".parse().unwrap()),
+                encap_source_v4: Some("198.18.254.0/23".parse().unwrap()),
+                encap_source_v6: Some("2001:db8:fe::/96".parse().unwrap()),
+            },
+            vips: vec![
+                VipConfig {
+                    name: "a".into(),
+                    address: "198.18.10.5".parse().unwrap(),
+                    port: 8080,
+                    protocol: Protocol::Udp,
+                    forwarding: Forwarding::L2dsr,
+                    affinity: true,
+                    backends: vec![BackendConfig {
+                        address: "198.18.20.5".parse().unwrap(),
+                        weight: 0,
+                        drain: true,
+                        mac: Some("02:00:00:00:20:05".parse().unwrap()),
+                    }],
+                },
+                VipConfig {
+                    name: "b".into(),
+                    address: "2001:db8:10::5".parse().unwrap(),
+                    port: 1,
+                    protocol: Protocol::Tcp,
+                    forwarding: Forwarding::Gue,
+                    affinity: false,
+                    backends: vec![backend("198.18.20.6", 10_000), backend("2001:db8:20::6", 1)],
+                },
+            ],
+        };
+        full.validate().unwrap();
+        let changed = {
+            let mut c = full.clone();
+            let a = &mut c.agent;
+            a.interface = "eth2".into();
+            a.xdp_mode = XdpMode::Native;
+            a.hash_seed = 8;
+            a.ring_size = 65537;
+            a.max_vips = 9;
+            a.max_backends = 33;
+            a.max_conns = 4097;
+            a.mtu = Some(1400);
+            a.gateway_mac = Some("02:00:00:00:00:02".parse().unwrap());
+            a.encap_source_v4 = Some("198.18.253.0/24".parse().unwrap());
+            a.encap_source_v6 = Some("2001:db8:fd::/120".parse().unwrap());
+            let v = &mut c.vips[0];
+            v.address = "198.18.10.6".parse().unwrap();
+            v.port = 8081;
+            v.protocol = Protocol::Tcp;
+            v.forwarding = Forwarding::Ipip;
+            v.affinity = false;
+            let b = &mut v.backends[0];
+            b.weight = 3;
+            b.drain = false;
+            b.mac = Some("02:00:00:00:20:06".parse().unwrap());
+            c.vips[1].backends[1].weight = 2;
+            c
+        };
+        changed.validate().unwrap();
+        let bare = {
+            let mut c = changed.clone();
+            c.agent.mtu = None;
+            c.agent.encap_source_v6 = None;
+            c.vips.truncate(1);
+            c.vips[0].backends[0].mac = None;
+            c
+        };
+        bare.validate().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lb.toml");
+        std::fs::write(
+            &p,
+            "[agent]\ninterface = \"eth0\"\ngateway_mac = \"02:00:00:00:00:fe\"\n",
+        )
+        .unwrap();
+        for (what, c) in [
+            ("full", &full),
+            ("changed", &changed),
+            ("bare", &bare),
+            ("full again", &full),
+        ] {
+            c.save(&p).unwrap();
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert_eq!(&Config::load(&p).unwrap(), c, "{what}:\n{text}");
+        }
     }
 }

@@ -16,7 +16,7 @@ use anyhow::{anyhow, Context, Result};
 use lb_common::*;
 
 use crate::{
-    config::{parse_mac, parse_prefix, Config, VipConfig},
+    config::{Config, VipConfig},
     dataplane::{addr_raw, ip_from_raw, port_raw, vip_info, Dataplane},
     maglev::{self, MaglevInput},
 };
@@ -171,24 +171,23 @@ pub fn dataplane_config(cfg: &Config, mtu: u32) -> Result<lb_common::Config> {
         mtu: a.mtu.unwrap_or(mtu),
         ..Default::default()
     };
-    if let Some(m) = &a.gateway_mac {
-        c.gw_mac = parse_mac(m).ok_or_else(|| anyhow!("agent.gateway_mac"))?;
+    if let Some(m) = a.gateway_mac {
+        c.gw_mac = m.octets();
     }
-    if let Some(p) = &a.encap_source_v4 {
-        let (addr, len) = parse_prefix(p).ok_or_else(|| anyhow!("agent.encap_source_v4"))?;
+    if let Some(p) = a.encap_source_v4 {
+        let len = p.prefix_len();
         let host = if len == 32 { 0 } else { u32::MAX >> len };
-        c.src4 = addr_raw(addr).0[0];
+        c.src4 = addr_raw(p.addr().into()).0[0];
         c.src4_mask = host.to_be();
     }
-    if let Some(p) = &a.encap_source_v6 {
-        let (addr, len) = parse_prefix(p).ok_or_else(|| anyhow!("agent.encap_source_v6"))?;
-        let bits = 128 - len as u32; // <= 32, checked by validation
+    if let Some(p) = a.encap_source_v6 {
+        let bits = 128 - p.prefix_len() as u32; // <= 32, checked by validation
         let host = if bits == 0 {
             0
         } else {
             u32::MAX >> (32 - bits)
         };
-        c.src6 = addr_raw(addr).0;
+        c.src6 = addr_raw(p.addr().into()).0;
         c.src6_mask = host.to_be();
     }
     Ok(c)
@@ -305,7 +304,7 @@ pub fn reconcile(
                 (key, b.address),
                 Backend {
                     addr,
-                    mac: b.mac.as_deref().and_then(parse_mac).unwrap_or([0; 6]),
+                    mac: b.mac.map_or([0; 6], |m| m.octets()),
                     family,
                     state: if b.active() {
                         BACKEND_UP

@@ -133,7 +133,8 @@ impl Netns {
     pub fn mac(&self, iface: &str) -> Result<[u8; 6]> {
         let out = self.ip(&["-br", "link", "show", "dev", iface])?;
         out.split_whitespace()
-            .find_map(lb_userspace::config::parse_mac)
+            .find_map(|w| w.parse::<lb_userspace::config::MacAddr>().ok())
+            .map(|m| m.octets())
             .ok_or_else(|| anyhow!("no MAC for {iface} in `ip -br link`: {out}"))
     }
 
@@ -597,6 +598,16 @@ pub fn socket_path(instance: &str) -> PathBuf {
     api::socket_path(instance)
 }
 
+/// `word` as one word for sh: as is if it has no special characters, else single-quoted.
+pub fn shell_quote(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./:=@%+,-".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
 /// A running `lb agent --config PATH --instance NAME --netns NS`. Dropping it kills the
 /// process and runs `lb agent --stop --instance NAME`: the XDP program is detached, the pins
 /// and the socket are removed. Its log (stderr) is kept in a file, printed if a test fails.
@@ -683,6 +694,32 @@ impl Agent {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The arguments of `lb` that run this agent.
+    fn args(&self) -> Vec<String> {
+        let config = self.config.display().to_string();
+        ["agent", "--config", &config, "--instance", &self.instance]
+            .into_iter()
+            .chain(["--netns", &self.netns])
+            .map(String::from)
+            .collect()
+    }
+
+    /// The shell command that starts this agent as [`Agent::spawn`] does (stdin from
+    /// /dev/null, stdout and stderr appended to [`Agent::log_path`]), in the background:
+    /// for people, to restart it by hand.
+    pub fn shell_command(&self) -> Result<String> {
+        let words: Vec<String> = [find_lb_bin()?.display().to_string()]
+            .into_iter()
+            .chain(self.args())
+            .map(|w| shell_quote(&w))
+            .collect();
+        Ok(format!(
+            "{} < /dev/null >> {} 2>&1 &",
+            words.join(" "),
+            shell_quote(&self.log.display().to_string())
+        ))
+    }
+
     fn command(&self) -> Result<Command> {
         let log = fs::OpenOptions::new()
             .create(true)
@@ -694,10 +731,7 @@ impl Agent {
             None => find_lb_bin()?,
         };
         let mut cmd = Command::new(bin);
-        cmd.args(["agent", "--config"])
-            .arg(&self.config)
-            .args(["--instance", &self.instance, "--netns", &self.netns])
-            .env("NO_COLOR", "1")
+        cmd.args(self.args())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

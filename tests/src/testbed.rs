@@ -53,7 +53,7 @@ use aya::{
     programs::{links::FdLink, XdpMode},
 };
 use lb_userspace::{
-    config::{BackendConfig, Config, Forwarding, Protocol, VipConfig, DEFAULT_WEIGHT},
+    config::{BackendConfig, Config, Forwarding, MacAddr, Protocol, VipConfig, DEFAULT_WEIGHT},
     dataplane::{Dataplane, Sizes},
 };
 
@@ -703,7 +703,7 @@ encap_source_v6 = "{ENCAP_SOURCE_V6}"
                     address: b.addr(spec.backends_v6),
                     weight: spec.weight(i),
                     drain: false,
-                    mac: Some(fmt_mac(b.mac)),
+                    mac: Some(MacAddr(b.mac)),
                 })
                 .collect(),
         }
@@ -791,7 +791,7 @@ encap_source_v6 = "{ENCAP_SOURCE_V6}"
                 "--weight".into(),
                 b.weight.to_string(),
                 "--mac".into(),
-                b.mac.clone().unwrap(),
+                b.mac.unwrap().to_string(),
             ]);
         }
         cmds
@@ -887,6 +887,12 @@ encap_source_v6 = "{ENCAP_SOURCE_V6}"
                 a.config().display(),
                 a.log_path().display()
             );
+            if let Ok(cmd) = a.shell_command() {
+                s += &format!(
+                    "  restart it (after kill -9 or a rebuild it adopts the pinned maps and \
+                     link):\n    {cmd}\n"
+                );
+            }
             s += &format!(
                 "\n  {:<16} {:<22} {:<6} {:<6} {:<10} {}\n",
                 "VIP", "ADDRESS", "PORT", "PROTO", "MODE", "BACKENDS"

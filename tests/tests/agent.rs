@@ -8,7 +8,7 @@ use std::{
     fs,
     net::{Ipv4Addr, UdpSocket},
     os::unix::fs::{FileTypeExt, PermissionsExt},
-    process::Command,
+    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -366,7 +366,7 @@ fn cli_changes_are_written_to_the_config_file_and_survive_kill_9_and_restart() -
                 b.address.to_string(),
                 b.weight,
                 b.drain,
-                b.mac.clone().unwrap(),
+                b.mac.unwrap().to_string(),
             )
         })
         .collect();
@@ -390,6 +390,57 @@ fn cli_changes_are_written_to_the_config_file_and_survive_kill_9_and_restart() -
     let after = (a.json(&["backend", "list"]), a.json(&["vip", "list"]));
     assert_eq!(before, after, "backend/vip lists across kill -9 + restart");
     assert_eq!(maps_before, state(&a).maps, "kernel maps across restart");
+    Ok(())
+}
+
+/// The config file is the operator's: a CLI change edits what changed and keeps the rest,
+/// a symlinked config stays a symlink (its target is updated), the mode stays 0640.
+#[test]
+fn cli_changes_keep_the_files_comments_symlink_and_mode() -> Result<()> {
+    let h = host("")?;
+    let real_dir = h.config.parent().unwrap().join("real");
+    fs::create_dir(&real_dir)?;
+    let real = real_dir.join("lb.toml");
+    let text = agent_table(8, 1009).replace(
+        "[agent]\n",
+        "# Kept by hand: do not lose this.\n[agent]   # the agent\n",
+    ) + &WEB.replace("backends = [", "# the web backends\nbackends = [");
+    fs::write(&real, &text)?;
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o640))?;
+    fs::remove_file(&h.config)?;
+    std::os::unix::fs::symlink(&real, &h.config)?;
+    let a = Agent::start(&h.ns, &h.config)?;
+
+    a.lb(&[
+        "backend",
+        "add",
+        "web",
+        "198.18.20.2",
+        "--weight",
+        "7",
+        "--mac",
+        "02:00:00:00:20:02",
+    ])
+    .expect_ok("backend add");
+    a.lb(&["backend", "weight", "web", "198.18.20.1", "50"])
+        .expect_ok("backend weight");
+
+    assert!(
+        fs::symlink_metadata(&h.config)?.file_type().is_symlink(),
+        "the config is still a symlink"
+    );
+    assert_eq!(fs::read_link(&h.config)?, real);
+    let now = fs::read_to_string(&real)?;
+    let want = text.replace(
+        r#"backends = [{ address = "198.18.20.1", weight = 100, mac = "02:00:00:00:20:01" }]"#,
+        r#"backends = [{ address = "198.18.20.1", weight = 50, mac = "02:00:00:00:20:01" }, { address = "198.18.20.2", weight = 7, mac = "02:00:00:00:20:02" }]"#,
+    );
+    assert_eq!(now, want, "only the changed backends are rewritten");
+    assert_eq!(fs::metadata(&real)?.permissions().mode() & 0o7777, 0o640);
+    let names: Vec<_> = fs::read_dir(&real_dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(names, ["lb.toml"], "temporary files left beside the target");
     Ok(())
 }
 
@@ -595,7 +646,60 @@ protocol = "tcp"
                 "--mac",
                 "02:00:00:00:20",
             ],
-            "vip[web].backends[1].mac",
+            "--mac",
+        ),
+        (
+            "IPv4-mapped IPv6 VIP address",
+            &["vip", "add", "x", "::ffff:198.18.10.9", "80", "tcp"],
+            "vip[x].address: ::ffff:198.18.10.9 is an IPv4-mapped IPv6 address: \
+             write 198.18.10.9",
+        ),
+        (
+            "unspecified VIP address",
+            &["vip", "add", "x", "0.0.0.0", "80", "tcp"],
+            "vip[x].address: 0.0.0.0 is the unspecified address",
+        ),
+        (
+            "multicast VIP address",
+            &["vip", "add", "x", "ff05::1", "80", "tcp"],
+            "vip[x].address: ff05::1 is a multicast address",
+        ),
+        (
+            "loopback backend",
+            &[
+                "backend",
+                "add",
+                "web",
+                "127.0.0.1",
+                "--mac",
+                "02:00:00:00:20:02",
+            ],
+            "vip[web].backends[1].address: 127.0.0.1 is a loopback address",
+        ),
+        (
+            "broadcast backend",
+            &[
+                "backend",
+                "add",
+                "web",
+                "255.255.255.255",
+                "--mac",
+                "02:00:00:00:20:02",
+            ],
+            "vip[web].backends[1].address: 255.255.255.255 is the broadcast address",
+        ),
+        (
+            "IPv4-mapped IPv6 backend",
+            &[
+                "backend",
+                "add",
+                "web",
+                "::ffff:198.18.20.14",
+                "--mac",
+                "02:00:00:00:20:0e",
+            ],
+            "vip[web].backends[1].address: ::ffff:198.18.20.14 is an IPv4-mapped IPv6 \
+             address: write 198.18.20.14",
         ),
     ];
     for (what, args, field) in cases {
@@ -603,6 +707,94 @@ protocol = "tcp"
         assert_refused(&out, field, what);
         assert_eq!(state(&a), before, "{what}: state changed");
     }
+    Ok(())
+}
+
+#[test]
+fn lb_version_prints_the_version() {
+    for flag in ["--version", "-V"] {
+        let out = lb_command(Command::new(lb_tests::netns::lb_bin()).arg(flag));
+        assert_eq!(
+            out.expect_ok(flag),
+            format!("lb {}\n", env!("CARGO_PKG_VERSION")),
+            "lb {flag}"
+        );
+    }
+}
+
+/// `lb backend list | head -0`: the reader is gone before `lb` writes. That is not an
+/// error of `lb`: it exits 0 without a word (it used to panic, exit 101).
+#[test]
+fn cli_output_into_a_closed_pipe_exits_0_quietly() -> Result<()> {
+    let h = host(&(agent_table(8, 1009) + WEB))?;
+    let a = Agent::start(&h.ns, &h.config)?;
+    for args in [
+        &["backend", "list"][..],
+        &["--json", "stats"],
+        &["vip", "list"],
+        &["status"],
+    ] {
+        let (reader, writer) = std::io::pipe()?;
+        drop(reader);
+        let out = Command::new(lb_tests::netns::lb_bin())
+            .args(["--instance", a.instance()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "lb {}: {} ({stderr})",
+            args.join(" "),
+            out.status
+        );
+        assert_eq!(stderr, "", "lb {}", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Logs written to a file (not a terminal) carry no ANSI colour codes, also without
+/// NO_COLOR in the environment.
+#[test]
+fn agent_log_in_a_file_has_no_colour_codes() -> Result<()> {
+    let h = host(&(agent_table(8, 1009) + WEB))?;
+    // Not started: only its name, and at the end its `lb agent --stop`.
+    let guard = Agent::new(&h.ns, &h.config);
+    let log_path = h.config.with_file_name("agent.log");
+    let log = fs::File::create(&log_path)?;
+    let mut child = Command::new(lb_tests::netns::lb_bin())
+        .args(["agent", "--config"])
+        .arg(&h.config)
+        .args(["--instance", guard.instance(), "--netns", h.ns.name()])
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let ran = (|| -> Result<()> {
+        wait_for("the agent", Duration::from_secs(10), || {
+            lb_userspace::api::call(guard.instance(), &lb_userspace::api::Request::Status)
+                .is_ok_and(|r| r.ok)
+        });
+        // Also a warning-level line: a reload of a broken file.
+        fs::write(&h.config, "[agent\n")?;
+        if unsafe { libc::kill(child.id() as i32, libc::SIGHUP) } != 0 {
+            anyhow::bail!("kill -HUP: {}", std::io::Error::last_os_error());
+        }
+        wait_for("the refused reload", Duration::from_secs(5), || {
+            fs::read_to_string(&log_path).is_ok_and(|l| l.contains("reload refused"))
+        });
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    ran?;
+    let text = fs::read(&log_path)?;
+    let shown = String::from_utf8_lossy(&text);
+    assert!(shown.contains("data plane ready"), "{shown}");
+    assert!(!text.contains(&0x1b), "ESC in the log:\n{shown}");
     Ok(())
 }
 
@@ -915,6 +1107,15 @@ backends = [{{ address = "198.18.0.2", mac = "{}" }}]
     assert_eq!(vip["name"], "udp");
     assert_eq!(vip["packets"], total, "every datagram went through lb");
     assert_eq!(vip["new_flows"], 1, "one flow, created once");
+    // Under the VIP, its backend: the flow's counters and its connection-table entry (the
+    // sentinel names another backend).
+    let be = &vip["backends"][0];
+    assert_eq!(be["address"], "198.18.0.2");
+    assert_eq!(be["state"], "up");
+    assert_eq!(be["packets"], total);
+    assert_eq!(be["new_flows"], 1);
+    assert_eq!(be["conns"]["active"], 1, "{stats}");
+    assert_eq!(be["conns"]["inactive"], 0);
     assert_eq!(stats["reasons"]["tx_forward"], total);
     let decapped = decap.decap_counts()?[DecapReason::Decapped as usize];
     assert_eq!(decapped, total, "decapped on veth1");

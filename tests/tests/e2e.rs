@@ -19,7 +19,7 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use lb_common::DecapReason;
 use lb_tests::{
-    netns::{in_netns, unique_name},
+    netns::{in_netns, lb, unique_name},
     testbed::{
         down_prefix, http_get, leftovers, pattern_mismatch, udp_request, udp_request_from,
         ForwardingPath, Testbed, TestbedOpts, UdpReply, VipSpec,
@@ -441,6 +441,41 @@ fn the_testbed_command_leaves_a_working_testbed_and_down_removes_it() -> Result<
         seen.insert(u.backend);
     }
     ensure!(seen.iter().all(|b| b == "be1" || b == "be2"), "{seen:?}");
+
+    // The banner's restart command, as printed, brings a killed agent back.
+    let lines: Vec<&str> = stdout.lines().collect();
+    let restart = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with("restart it"))
+        .and_then(|i| lines.get(i + 1))
+        .map(|l| l.trim())
+        .with_context(|| format!("no restart command in:\n{stdout}"))?;
+    let inst = format!("{prefix}-lb");
+    ensure!(
+        restart.contains(" agent --config ")
+            && restart.contains(&format!(" --instance {inst} --netns {prefix}-lb "))
+            && restart.ends_with(" 2>&1 &"),
+        "restart command: {restart}"
+    );
+    let pid: i32 = stdout
+        .split_once(&format!("agent {inst} (pid "))
+        .and_then(|(_, r)| r.split_once(')'))
+        .and_then(|(p, _)| p.parse().ok())
+        .with_context(|| format!("no agent pid in:\n{stdout}"))?;
+    ensure!(
+        unsafe { libc::kill(pid, libc::SIGKILL) } == 0,
+        "kill -9 {pid}"
+    );
+    let st = Command::new("bash").args(["-c", restart]).status()?;
+    ensure!(st.success(), "{restart}: {st}");
+    wait_for("the restarted agent", Duration::from_secs(10), || {
+        let out = lb(&["--instance", &inst, "--json", "status"]);
+        // The killed agent answers nothing: an answer is the new one's.
+        Ok(out.ok() && serde_json::from_str::<Value>(&out.stdout)?["adopted"] == true)
+    })?;
+    let tcp = ForwardingPath::get("ipip4").tcp().socket_addr();
+    let h = in_netns(&client, || http_get(tcp, "/", TIMEOUT))??;
+    ensure!(h.status == 200, "after the restart: {h:?}");
 
     let down = Command::new(bin)
         .args(["down", "--prefix", &prefix])

@@ -32,8 +32,8 @@ fn config(backends: &[(u8, u32)]) -> Config {
             max_backends: 256,
             max_conns: 200_000,
             mtu: None,
-            gateway_mac: Some("02:00:00:00:00:fe".into()),
-            encap_source_v4: Some("198.18.255.0/24".into()),
+            gateway_mac: Some("02:00:00:00:00:fe".parse().unwrap()),
+            encap_source_v4: Some("198.18.255.0/24".parse().unwrap()),
             encap_source_v6: None,
         },
         vips: vec![VipConfig {

@@ -20,7 +20,7 @@ struct Cli {
 enum Cmd {
     /// Install Debian's rustc-web, LLVM and bpf-linker if missing (idempotent).
     Setup,
-    /// Set up, then run every test (unit, BPF_PROG_TEST_RUN, namespaces). Needs root.
+    /// Set up, then run every test (unit, doc, BPF_PROG_TEST_RUN, namespaces). Needs root.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -88,29 +88,43 @@ extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-/// `cargo test` over the workspace, its output passed through, then one closing line with
-/// the totals of every test binary (cargo prints one `test result:` per binary, many of
-/// them for targets without tests).
+/// `cargo test` over the workspace (unit, integration and doc tests), its output passed
+/// through, then one closing line with the totals over every test binary. cargo prints
+/// one `test result:` line per binary it ran; a binary that crashed (or a target that did
+/// not build) prints none and is counted apart. A run in which no test ran fails: with a
+/// filter that matches nothing, that is a typo, not a success.
 fn test(cargo: &str, args: &[String]) -> Result<()> {
-    use std::io::{BufRead, BufReader};
+    use std::{
+        io::{BufRead, BufReader},
+        process::Stdio,
+    };
     let mut child = Command::new(cargo)
         .current_dir(root())
-        .args([
-            "test",
-            "--workspace",
-            "--release",
-            "--no-fail-fast",
-            "--lib",
-            "--bins",
-            "--tests",
-            "--",
-        ])
+        .args(["test", "--workspace", "--release", "--no-fail-fast", "--"])
         .args(["--test-threads", "2"])
         .args(args)
-        .stdout(std::process::Stdio::piped())
+        // Its messages are read below: no colour codes in them.
+        .env("CARGO_TERM_COLOR", "never")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .context("running cargo test")?;
-    let (mut passed, mut failed) = (0u64, 0u64);
+    // cargo's own messages (stderr) say which test binaries it started and what did not
+    // build; the binaries' stderr comes through here too.
+    let stderr = child.stderr.take().unwrap();
+    let messages = std::thread::spawn(move || {
+        let (mut started, mut unbuilt) = (0u64, 0u64);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            if line.starts_with("     Running ") || line.starts_with("   Doc-tests ") {
+                started += 1;
+            } else if line.starts_with("error: could not compile") {
+                unbuilt += 1;
+            }
+        }
+        (started, unbuilt)
+    });
+    let (mut passed, mut failed, mut results) = (0u64, 0u64, 0u64);
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line?;
         println!("{line}");
@@ -131,18 +145,48 @@ fn test(cargo: &str, args: &[String]) -> Result<()> {
             };
             passed += num("passed");
             failed += num("failed");
+            results += 1;
         }
     }
     let status = child.wait()?;
+    let (started, unbuilt) = messages.join().expect("the stderr reader");
+    let broken = started.saturating_sub(results) + unbuilt;
+    if broken > 0 {
+        println!(
+            "{passed} passed, {failed} failed, {broken} test binar{} crashed or did not build",
+            if broken == 1 { "y" } else { "ies" }
+        );
+        bail!("tests failed ({status})");
+    }
     println!("{passed} passed, {failed} failed");
     if !status.success() || failed > 0 {
         bail!("tests failed ({status})");
     }
+    if passed == 0 {
+        if args.is_empty() {
+            bail!("no test ran");
+        }
+        bail!(
+            "no test ran: nothing matched `{}` (a test name filter matches a substring of \
+             a test's path, e.g. `cargo xtask test agent` or `cargo xtask test config::`)",
+            args.join(" ")
+        );
+    }
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    // The message alone: a backtrace of xtask (RUST_BACKTRACE=1) says nothing about tests.
+    match run_cli(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cli(cli: Cli) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     match cli.cmd {
         Cmd::Setup => setup(),

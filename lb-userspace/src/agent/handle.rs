@@ -1,14 +1,21 @@
 //! Answering the CLI: one [`Request`] in, one [`Response`] out. Changes go through
 //! [`Agent::apply`] (validate, apply, persist); queries read the config and the maps.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
+
 use anyhow::{anyhow, bail, Result};
-use serde_json::json;
 
 use super::{
     pins::{self, pin_dir},
     Agent,
 };
 use crate::{
-    api::{Request, Response},
+    api::{
+        BackendRow, BackendState, BackendStats, Changed, Conns, Counters, Reply, Request, Response,
+        Stats, Status, VipBackendStats, VipRow, VipStats,
+    },
     reconcile::{self, Changes},
 };
 
@@ -68,95 +75,181 @@ impl Agent {
     }
 
     pub fn handle(&mut self, req: Request) -> Response {
-        if req.mutates() {
-            return match self.mutate(&req) {
-                Ok(c) => Response::ok(json!({ "rings_rebuilt": c.rings_rebuilt })),
-                Err(e) => Response::err(format!("{e:#}")),
-            };
-        }
-        let r: Result<serde_json::Value> = (|| {
-            Ok(match &req {
-                Request::VipList => json!(self
-                    .cfg
-                    .vips
-                    .iter()
-                    .map(|v| json!({
-                        "name": v.name, "address": v.address, "port": v.port,
-                        "protocol": v.protocol, "forwarding": v.forwarding, "affinity": v.affinity,
-                        "backends": v.backends.len(),
-                        "active": v.backends.iter().filter(|b| b.active()).count(),
-                    }))
-                    .collect::<Vec<_>>()),
-                Request::BackendList { vip } => {
-                    if let Some(n) = vip {
-                        self.cfg
-                            .vip(n)
-                            .ok_or_else(|| anyhow!("vip[{n}]: no such VIP"))?;
-                    }
-                    let mut out = Vec::new();
-                    for v in self
-                        .cfg
-                        .vips
-                        .iter()
-                        .filter(|v| vip.as_ref().is_none_or(|n| &v.name == n))
-                    {
-                        for b in &v.backends {
-                            out.push(json!({
-                                "vip": v.name, "address": b.address, "weight": b.weight,
-                                "drain": b.drain, "mac": b.mac, "id": self.backend_id(v, &b.address),
-                            }));
-                        }
-                    }
-                    json!(out)
-                }
-                Request::Status => {
-                    let prog = self.dp.program("lb")?.info()?;
-                    json!({
-                        "instance": self.instance,
-                        "config": self.config_path,
-                        "interface": pins::attached_interface(&pin_dir(&self.instance))?,
-                        "xdp_mode": self.cfg.agent.xdp_mode,
-                        "program_id": prog.id(),
-                        "adopted": self.start != super::Start::Fresh,
-                        "start": self.start,
-                        "mtu": self.mtu,
-                        "vips": self.cfg.vips.len(),
-                        "backends": self.applied.members.len(),
-                        "pins": pin_dir(&self.instance),
-                    })
-                }
-                Request::Stats => {
-                    let reasons = self.dp.reason_counts()?;
-                    let reasons: serde_json::Map<String, serde_json::Value> =
-                        lb_common::Reason::ALL
-                            .iter()
-                            .map(|r| (r.name().to_string(), json!(reasons[*r as usize])))
-                            .collect();
-                    let mut vips = Vec::new();
-                    for v in &self.cfg.vips {
-                        if let Some(a) = self.applied.vips.get(&reconcile::vip_key(v)) {
-                            let c = self.dp.vip_counters(a.meta.id)?;
-                            vips.push(json!({"name": v.name, "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows}));
-                        }
-                    }
-                    let mut backends = Vec::new();
-                    for v in &self.cfg.vips {
-                        for b in &v.backends {
-                            if let Some(id) = self.backend_id(v, &b.address) {
-                                let c = self.dp.backend_counters(id)?;
-                                backends.push(json!({"vip": v.name, "address": b.address, "id": id, "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows}));
-                            }
-                        }
-                    }
-                    json!({"reasons": reasons, "vips": vips, "backends": backends})
-                }
-                Request::Shutdown => json!({}),
-                _ => unreachable!(),
+        let reply = if req.mutates() {
+            self.mutate(&req).map(|c| {
+                Reply::Changed(Changed {
+                    rings_rebuilt: c.rings_rebuilt,
+                })
             })
-        })();
-        match r {
-            Ok(d) => Response::ok(d),
+        } else {
+            self.query(&req)
+        };
+        match reply {
+            Ok(r) => Response::ok(&r),
             Err(e) => Response::err(format!("{e:#}")),
         }
     }
+
+    fn query(&mut self, req: &Request) -> Result<Reply> {
+        Ok(match req {
+            Request::VipList => Reply::Vips(
+                self.cfg
+                    .vips
+                    .iter()
+                    .map(|v| VipRow {
+                        name: v.name.clone(),
+                        address: v.address,
+                        port: v.port,
+                        protocol: v.protocol,
+                        forwarding: v.forwarding,
+                        affinity: v.affinity,
+                        backends: v.backends.len(),
+                        active: v.backends.iter().filter(|b| b.active()).count(),
+                    })
+                    .collect(),
+            ),
+            Request::BackendList { vip } => {
+                if let Some(n) = vip {
+                    self.cfg
+                        .vip(n)
+                        .ok_or_else(|| anyhow!("vip[{n}]: no such VIP"))?;
+                }
+                let vips = self.cfg.vips.iter();
+                let vips = vips.filter(|v| vip.as_ref().is_none_or(|n| &v.name == n));
+                Reply::Backends(
+                    vips.flat_map(|v| {
+                        v.backends.iter().map(|b| BackendRow {
+                            vip: v.name.clone(),
+                            address: b.address,
+                            weight: b.weight,
+                            drain: b.drain,
+                            mac: b.mac,
+                            id: self.backend_id(v, &b.address),
+                        })
+                    })
+                    .collect(),
+                )
+            }
+            Request::Status => Reply::Status(Status {
+                instance: self.instance.clone(),
+                config: self.config_path.clone(),
+                // The kernel's word, not the config's: where the program really runs.
+                interface: pins::attached_interface(&pin_dir(&self.instance))?
+                    .unwrap_or_else(|| "(none)".into()),
+                xdp_mode: self.cfg.agent.xdp_mode,
+                program_id: self.dp.program("lb")?.info()?.id(),
+                adopted: self.start != super::Start::Fresh,
+                start: self.start,
+                mtu: self.mtu,
+                vips: self.cfg.vips.len(),
+                backends: self.applied.members.len(),
+                pins: pin_dir(&self.instance),
+            }),
+            Request::Stats => Reply::Stats(self.stats()?),
+            Request::Shutdown => Reply::Done {},
+            _ => unreachable!("a change"),
+        })
+    }
+
+    fn stats(&self) -> Result<Stats> {
+        let counts = self.dp.reason_counts()?;
+        let reasons = lb_common::Reason::ALL
+            .iter()
+            .map(|r| (r.name().to_string(), counts[*r as usize]))
+            .collect();
+        let conns = self.conns()?;
+        let mut vips = Vec::new();
+        for v in &self.cfg.vips {
+            let Some(applied) = self.applied.vips.get(&reconcile::vip_key(v)) else {
+                continue;
+            };
+            let vip_id = applied.meta.id;
+            let mut backends = Vec::new();
+            for b in &v.backends {
+                let id = self.backend_id(v, &b.address);
+                let counters = match id {
+                    Some(id) => self.dp.backend_counters(id)?.into(),
+                    None => Counters::default(),
+                };
+                backends.push(VipBackendStats {
+                    address: b.address,
+                    id,
+                    weight: b.weight,
+                    state: BackendState::of(b),
+                    counters,
+                    conns: id.and_then(|id| conns.get(&id)).copied().unwrap_or_default(),
+                });
+            }
+            vips.push(VipStats {
+                name: v.name.clone(),
+                address: v.address,
+                port: v.port,
+                protocol: v.protocol,
+                counters: self.dp.vip_counters(vip_id)?.into(),
+                backends,
+            });
+        }
+        // Every address once, over all the VIPs it serves.
+        let mut by_addr: BTreeMap<IpAddr, (u32, Counters)> = BTreeMap::new();
+        for ((_, addr), (id, _)) in &self.applied.members {
+            let c: Counters = self.dp.backend_counters(*id)?.into();
+            let e = by_addr.entry(*addr).or_insert((*id, Counters::default()));
+            e.0 = e.0.min(*id);
+            e.1.packets += c.packets;
+            e.1.bytes += c.bytes;
+            e.1.new_flows += c.new_flows;
+        }
+        let backends = by_addr
+            .into_iter()
+            .map(|(address, (id, counters))| BackendStats {
+                address,
+                id,
+                counters,
+            })
+            .collect();
+        Ok(Stats {
+            reasons,
+            vips,
+            backends,
+        })
+    }
+
+    /// Connections by backend id, from the connection table: *active* while no FIN or RST
+    /// was seen and the last packet is younger than IPVS's default timeouts (TCP
+    /// established 900 s, UDP 300 s), else *inactive*. Entries that no longer hold (their
+    /// backend left their VIP) are not counted.
+    fn conns(&self) -> Result<HashMap<u32, Conns>> {
+        let live: HashMap<u32, u32> = self
+            .applied
+            .members
+            .values()
+            .map(|(id, be)| (*id, be.vip))
+            .collect();
+        let now = crate::migrate::coarse_now();
+        let mut out: HashMap<u32, Conns> = HashMap::new();
+        for (k, c) in self.dp.read_conns()? {
+            if live.get(&c.backend) != Some(&(c.vip as u32)) {
+                continue;
+            }
+            let window = if k.proto == lb_common::PROTO_TCP {
+                ACTIVE_TCP
+            } else {
+                ACTIVE_UDP
+            };
+            let open = c.flags & lb_common::CONN_F_CLOSING == 0;
+            let e = out.entry(c.backend).or_default();
+            if open && now.saturating_sub(c.atime) < window.as_nanos() as u64 {
+                e.active += 1;
+            } else {
+                e.inactive += 1;
+            }
+        }
+        Ok(out)
+    }
 }
+
+/// How long an open TCP connection counts as active since its last packet (IPVS's
+/// default established timeout).
+pub const ACTIVE_TCP: std::time::Duration = std::time::Duration::from_secs(900);
+/// The same for UDP (IPVS's default UDP timeout).
+pub const ACTIVE_UDP: std::time::Duration = std::time::Duration::from_secs(300);

@@ -55,7 +55,7 @@ pub struct Agent {
 }
 
 /// How an agent found the data plane when it started.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Start {
     /// Nothing was pinned: maps created, program attached.

@@ -1,0 +1,330 @@
+//! The `lb` command line: `lb agent` runs the agent, every other command sends one
+//! [`Request`] to a running agent and prints its typed reply as a table ([`tables`])
+//! or, with `--json`, as JSON.
+use std::{
+    io::{IsTerminal, Write},
+    net::IpAddr,
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use lb_userspace::{
+    agent,
+    api::{self, Request},
+    config::{BackendConfig, Forwarding, MacAddr, Protocol, VipConfig, DEFAULT_WEIGHT},
+};
+
+mod tables;
+
+#[derive(Parser)]
+#[command(
+    name = "lb",
+    version,
+    about = "XDP layer-4 load balancer: agent and CLI",
+    after_help = "Every command but `agent` talks to a running agent over its socket; \
+                  changes are validated, applied, then written to the agent's config file."
+)]
+pub struct Cli {
+    /// Which agent: pins live under /sys/fs/bpf/NAME, the socket is /run/lb/NAME.sock.
+    #[arg(long, global = true, default_value = "lb", value_name = "NAME")]
+    instance: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent in the foreground (or, with --stop, detach and unpin everything).
+    Agent {
+        /// The config file (TOML); CLI changes are written back to it.
+        #[arg(long, required_unless_present = "stop", value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Enter this network namespace (/run/netns/NAME) first.
+        #[arg(long, value_name = "NAME")]
+        netns: Option<String>,
+        /// Stop a running agent, detach the XDP program and remove every pin.
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Manage VIPs.
+    Vip {
+        #[command(subcommand)]
+        cmd: VipCmd,
+    },
+    /// Manage backends of a VIP.
+    Backend {
+        #[command(subcommand)]
+        cmd: BackendCmd,
+    },
+    /// What the agent runs.
+    Status,
+    /// Counters: per VIP and its backends (with connections), drop/pass reasons.
+    Stats,
+}
+
+#[derive(Subcommand)]
+enum VipCmd {
+    /// Add a VIP without backends (add them with `lb backend add`).
+    Add {
+        /// Its name in the config and the CLI: 1-64 of [A-Za-z0-9-_.].
+        name: String,
+        /// The virtual IP address (IPv4 or IPv6).
+        address: IpAddr,
+        /// The port clients connect to.
+        port: u16,
+        /// The transport protocol.
+        #[arg(value_enum)]
+        protocol: Protocol,
+        /// How packets reach the backends.
+        #[arg(long, value_enum, default_value_t = Forwarding::Ipip)]
+        forwarding: Forwarding,
+        /// Send every flow of a client to one backend.
+        #[arg(long)]
+        affinity: bool,
+    },
+    /// Remove a VIP with its backends.
+    Remove {
+        /// The VIP's name.
+        name: String,
+    },
+    /// List the VIPs.
+    List,
+}
+
+#[derive(Subcommand)]
+enum BackendCmd {
+    /// Add a backend to a VIP.
+    Add {
+        /// The VIP's name.
+        vip: String,
+        /// The backend's address.
+        address: IpAddr,
+        /// Share of new flows relative to the VIP's other backends (0-10000; 0 takes none).
+        #[arg(long, default_value_t = DEFAULT_WEIGHT)]
+        weight: u32,
+        /// Next-hop MAC of the backend (default: agent.gateway_mac), aa:bb:cc:dd:ee:ff.
+        #[arg(long)]
+        mac: Option<MacAddr>,
+        /// Add it draining: it gets no new flows.
+        #[arg(long)]
+        drain: bool,
+    },
+    /// Remove a backend from a VIP; its flows go to the VIP's other backends.
+    Remove {
+        /// The VIP's name.
+        vip: String,
+        /// The backend's address.
+        address: IpAddr,
+    },
+    /// List the backends of one VIP, or of all.
+    List {
+        /// Only this VIP's backends.
+        vip: Option<String>,
+    },
+    /// Set the weight (0 takes no new flows).
+    Weight {
+        /// The VIP's name.
+        vip: String,
+        /// The backend's address.
+        address: IpAddr,
+        /// The new weight, 0-10000.
+        weight: u32,
+    },
+    /// Keep established flows, send no new ones.
+    Drain {
+        /// The VIP's name.
+        vip: String,
+        /// The backend's address.
+        address: IpAddr,
+    },
+    /// Take new flows again after `drain`.
+    Undrain {
+        /// The VIP's name.
+        vip: String,
+        /// The backend's address.
+        address: IpAddr,
+    },
+}
+
+impl Cmd {
+    /// The request to the agent that this command is.
+    fn request(self) -> Request {
+        match self {
+            Cmd::Agent { .. } => unreachable!("the agent is no request"),
+            Cmd::Vip { cmd } => match cmd {
+                VipCmd::Add {
+                    name,
+                    address,
+                    port,
+                    protocol,
+                    forwarding,
+                    affinity,
+                } => Request::VipAdd {
+                    vip: VipConfig {
+                        name,
+                        address,
+                        port,
+                        protocol,
+                        forwarding,
+                        affinity,
+                        backends: vec![],
+                    },
+                },
+                VipCmd::Remove { name } => Request::VipRemove { name },
+                VipCmd::List => Request::VipList,
+            },
+            Cmd::Backend { cmd } => match cmd {
+                BackendCmd::Add {
+                    vip,
+                    address,
+                    weight,
+                    mac,
+                    drain,
+                } => Request::BackendAdd {
+                    vip,
+                    backend: BackendConfig {
+                        address,
+                        weight,
+                        drain,
+                        mac,
+                    },
+                },
+                BackendCmd::Remove { vip, address } => Request::BackendRemove { vip, address },
+                BackendCmd::List { vip } => Request::BackendList { vip },
+                BackendCmd::Weight {
+                    vip,
+                    address,
+                    weight,
+                } => Request::BackendWeight {
+                    vip,
+                    address,
+                    weight,
+                },
+                BackendCmd::Drain { vip, address } => Request::BackendDrain {
+                    vip,
+                    address,
+                    drain: true,
+                },
+                BackendCmd::Undrain { vip, address } => Request::BackendDrain {
+                    vip,
+                    address,
+                    drain: false,
+                },
+            },
+            Cmd::Status => Request::Status,
+            Cmd::Stats => Request::Stats,
+        }
+    }
+}
+
+fn run_agent(
+    config: Option<PathBuf>,
+    netns: Option<String>,
+    stop: bool,
+    instance: &str,
+) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in a log file or journal.
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    agent::require_root()?;
+    if let Some(ns) = netns {
+        agent::enter_netns(&ns)?;
+    }
+    if stop {
+        return agent::stop(instance);
+    }
+    agent::run(&config.expect("clap requires it"), instance)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Cmd::Agent {
+        config,
+        netns,
+        stop,
+    } = cli.cmd
+    {
+        return run_agent(config, netns, stop, &cli.instance);
+    }
+    let req = cli.cmd.request();
+    let reply = api::request(&cli.instance, &req)?;
+    let out = if cli.json {
+        tables::json(&reply)
+    } else {
+        tables::human(&reply)
+    };
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(out.as_bytes())?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// `lb`'s `main`.
+pub fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        // Whoever reads our output stopped reading (`lb backend list | head -1`): not
+        // an error of ours, and the answer was received.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "lb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every command and every argument says what it is in `--help`.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                let at = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(at.clone());
+                }
+                walk(sub, &at, missing);
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} <{id}>"));
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        walk(&cmd, "lb", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
+
+    #[test]
+    fn version() {
+        let e = Cli::try_parse_from(["lb", "--version"]).err().unwrap();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert_eq!(e.to_string(), format!("lb {}\n", env!("CARGO_PKG_VERSION")));
+        let e = Cli::try_parse_from(["lb", "-V"]).err().unwrap();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
+    }
+}

@@ -1,0 +1,285 @@
+//! Printing the agent's replies: human tables (comfy-table) or JSON.
+use std::net::SocketAddr;
+
+use comfy_table::{presets, CellAlignment, ContentArrangement, Table};
+use lb_userspace::api::{BackendRow, Reply, Stats, Status, VipRow};
+
+/// The reply as JSON (what `--json` prints).
+pub fn json(reply: &Reply) -> String {
+    serde_json::to_string_pretty(reply).expect("replies serialize") + "\n"
+}
+
+/// The reply for people.
+pub fn human(reply: &Reply) -> String {
+    match reply {
+        Reply::Changed(_) | Reply::Done {} => "ok\n".into(),
+        Reply::Vips(rows) => vips(rows),
+        Reply::Backends(rows) => backends(rows),
+        Reply::Status(s) => status(s),
+        Reply::Stats(s) => stats(s),
+    }
+}
+
+/// A table without borders: columns two spaces apart, those in `right` right-aligned.
+fn table(header: &[&str], right: &[usize]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.to_vec());
+    for (i, c) in t.column_iter_mut().enumerate() {
+        c.set_padding((0, 2));
+        if right.contains(&i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t
+}
+
+fn text(t: &Table) -> String {
+    t.trim_fmt() + "\n"
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn vips(rows: &[VipRow]) -> String {
+    let mut t = table(
+        &[
+            "NAME",
+            "ADDRESS",
+            "PORT",
+            "PROTOCOL",
+            "FORWARDING",
+            "AFFINITY",
+            "BACKENDS",
+            "ACTIVE",
+        ],
+        &[2, 6, 7],
+    );
+    for v in rows {
+        t.add_row(vec![
+            v.name.clone(),
+            v.address.to_string(),
+            v.port.to_string(),
+            v.protocol.to_string(),
+            v.forwarding.to_string(),
+            yes(v.affinity).into(),
+            v.backends.to_string(),
+            v.active.to_string(),
+        ]);
+    }
+    text(&t)
+}
+
+fn backends(rows: &[BackendRow]) -> String {
+    let mut t = table(&["VIP", "ADDRESS", "WEIGHT", "DRAIN", "MAC", "ID"], &[2, 5]);
+    for b in rows {
+        t.add_row(vec![
+            b.vip.clone(),
+            b.address.to_string(),
+            b.weight.to_string(),
+            yes(b.drain).into(),
+            b.mac.map_or("gateway".into(), |m| m.to_string()),
+            b.id.map_or("-".into(), |i| i.to_string()),
+        ]);
+    }
+    text(&t)
+}
+
+fn status(s: &Status) -> String {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled);
+    for (k, v) in [
+        ("instance", s.instance.clone()),
+        ("config", s.config.display().to_string()),
+        ("interface", s.interface.clone()),
+        ("xdp mode", format!("{:?}", s.xdp_mode).to_lowercase()),
+        ("program id", s.program_id.to_string()),
+        ("adopted", yes(s.adopted).into()),
+        ("mtu", s.mtu.to_string()),
+        ("vips", s.vips.to_string()),
+        ("backends", s.backends.to_string()),
+        ("pins", s.pins.display().to_string()),
+    ] {
+        t.add_row(vec![k.to_string(), v]);
+    }
+    for c in t.column_iter_mut() {
+        c.set_padding((0, 2));
+    }
+    text(&t)
+}
+
+/// Like `ipvsadm -Ln --stats`: a row per VIP and under it a row per backend of that VIP,
+/// then the reason counters.
+fn stats(s: &Stats) -> String {
+    let mut t = table(
+        &[
+            "VIP / BACKEND",
+            "WEIGHT",
+            "STATE",
+            "PACKETS",
+            "BYTES",
+            "NEW FLOWS",
+            "ACTIVE",
+            "INACTIVE",
+        ],
+        &[1, 3, 4, 5, 6, 7],
+    );
+    for v in &s.vips {
+        let active: u64 = v.backends.iter().map(|b| b.conns.active).sum();
+        let inactive: u64 = v.backends.iter().map(|b| b.conns.inactive).sum();
+        t.add_row(vec![
+            format!(
+                "{} {} {}",
+                v.name,
+                v.protocol,
+                SocketAddr::new(v.address, v.port)
+            ),
+            String::new(),
+            String::new(),
+            v.counters.packets.to_string(),
+            v.counters.bytes.to_string(),
+            v.counters.new_flows.to_string(),
+            active.to_string(),
+            inactive.to_string(),
+        ]);
+        for b in &v.backends {
+            t.add_row(vec![
+                format!("  -> {}", b.address),
+                b.weight.to_string(),
+                b.state.to_string(),
+                b.counters.packets.to_string(),
+                b.counters.bytes.to_string(),
+                b.counters.new_flows.to_string(),
+                b.conns.active.to_string(),
+                b.conns.inactive.to_string(),
+            ]);
+        }
+    }
+    let out = text(&t);
+
+    let mut r = table(&["REASON", "PACKETS"], &[1]);
+    let known = lb_common::Reason::ALL.iter().map(|r| r.name());
+    let unknown = s
+        .reasons
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !lb_common::Reason::ALL.iter().any(|r| r.name() == *k));
+    for name in known.chain(unknown) {
+        if let Some(n) = s.reasons.get(name) {
+            r.add_row(vec![name.to_string(), n.to_string()]);
+        }
+    }
+    out + "\n" + &text(&r)
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_userspace::{
+        api::{BackendState, Conns, Counters, VipBackendStats, VipStats},
+        config::Protocol,
+    };
+
+    use super::*;
+
+    fn counters(packets: u64, bytes: u64, new_flows: u64) -> Counters {
+        Counters {
+            packets,
+            bytes,
+            new_flows,
+        }
+    }
+
+    #[test]
+    fn stats_are_one_row_per_vip_with_its_backends_under_it() {
+        let be = |address: &str, weight, state, c, active| VipBackendStats {
+            address: address.parse().unwrap(),
+            id: Some(0),
+            weight,
+            state,
+            counters: c,
+            conns: Conns {
+                active,
+                inactive: 0,
+            },
+        };
+        let s = Stats {
+            reasons: [
+                ("tx_forward", 30),
+                ("pass_not_vip", 2),
+                ("from_the_future", 1),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            vips: vec![
+                VipStats {
+                    name: "web".into(),
+                    address: "198.18.10.1".parse().unwrap(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    counters: counters(20, 2000, 4),
+                    backends: vec![
+                        be(
+                            "198.18.20.1",
+                            100,
+                            BackendState::Up,
+                            counters(25, 2500, 5),
+                            3,
+                        ),
+                        be(
+                            "198.18.20.2",
+                            0,
+                            BackendState::Weight0,
+                            counters(0, 0, 0),
+                            0,
+                        ),
+                        be(
+                            "198.18.20.3",
+                            5,
+                            BackendState::Draining,
+                            counters(1, 60, 0),
+                            1,
+                        ),
+                    ],
+                },
+                VipStats {
+                    name: "dns".into(),
+                    address: "2001:db8:10::53".parse().unwrap(),
+                    port: 53,
+                    protocol: Protocol::Udp,
+                    counters: counters(10, 500, 1),
+                    backends: vec![be(
+                        "198.18.20.1",
+                        100,
+                        BackendState::Up,
+                        counters(25, 2500, 5),
+                        1,
+                    )],
+                },
+            ],
+            backends: vec![],
+        };
+        let want = "\
+VIP / BACKEND                 WEIGHT  STATE     PACKETS  BYTES  NEW FLOWS  ACTIVE  INACTIVE
+web tcp 198.18.10.1:80                               20   2000          4       4         0
+  -> 198.18.20.1                 100  up             25   2500          5       3         0
+  -> 198.18.20.2                   0  weight 0        0      0          0       0         0
+  -> 198.18.20.3                   5  draining        1     60          0       1         0
+dns udp [2001:db8:10::53]:53                         10    500          1       1         0
+  -> 198.18.20.1                 100  up             25   2500          5       1         0
+
+REASON           PACKETS
+pass_not_vip           2
+tx_forward            30
+from_the_future        1
+";
+        assert_eq!(human(&Reply::Stats(s)), want);
+    }
+}
