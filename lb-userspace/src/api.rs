@@ -132,9 +132,17 @@ pub struct BackendRow {
     pub address: IpAddr,
     pub weight: u32,
     pub drain: bool,
+    /// The MAC the operator configured, if any.
     pub mac: Option<MacAddr>,
-    /// Index in the BACKENDS map (the same for every VIP of this address).
+    /// Its id in the BACKENDS map (one per backend of each VIP).
     pub id: Option<u32>,
+    /// The next-hop MAC the data plane sends its packets to (configured or resolved;
+    /// `None`: `agent.gateway_mac`, or not resolved).
+    #[serde(default)]
+    pub next_hop: Option<MacAddr>,
+    /// Why it is kept out of the rings for want of a next hop, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unresolved: Option<String>,
 }
 
 /// `lb status`: what the agent runs.

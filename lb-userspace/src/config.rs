@@ -411,7 +411,7 @@ impl Config {
         }
         let mut names = HashSet::new();
         let mut keys = HashMap::new();
-        let mut backends = HashSet::new();
+        let mut backends = 0usize;
         for v in &self.vips {
             v.validate(a)?;
             let at = v.field();
@@ -427,17 +427,55 @@ impl Config {
                     ),
                 );
             }
-            backends.extend(v.backends.iter().map(|b| b.address));
+            backends += v.backends.len();
         }
-        if backends.len() > a.max_backends as usize {
+        // Every backend of every VIP has an id of its own (an address in two VIPs, two).
+        if backends > a.max_backends as usize {
             return err(
                 "vip",
                 format!(
-                    "{} distinct backends exceed agent.max_backends = {}",
-                    backends.len(),
+                    "{backends} backends (counted per VIP) exceed agent.max_backends = {}",
                     a.max_backends
                 ),
             );
+        }
+        Ok(())
+    }
+
+    /// The outer source address every encapsulating VIP needs. Checked by the agent on the
+    /// config it runs, after it filled in what the interface's own addresses provide
+    /// (`interface` names it in the message).
+    pub fn check_encap_sources(&self, interface: &str) -> Result<(), FieldError> {
+        for v in &self.vips {
+            if v.forwarding == Forwarding::L2dsr {
+                continue;
+            }
+            for b in &v.backends {
+                let (field, missing, fam) = if b.address.is_ipv4() {
+                    (
+                        "agent.encap_source_v4",
+                        self.agent.encap_source_v4.is_none(),
+                        4,
+                    )
+                } else {
+                    (
+                        "agent.encap_source_v6",
+                        self.agent.encap_source_v6.is_none(),
+                        6,
+                    )
+                };
+                if missing {
+                    return err(
+                        field,
+                        format!(
+                            "required: {} encapsulates to {} and {interface} has no global \
+                             IPv{fam} address to use instead",
+                            v.field(),
+                            b.address
+                        ),
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -530,7 +568,7 @@ impl VipConfig {
                     format!("duplicate backend {}", b.address),
                 );
             }
-            b.validate(&bat, self, agent)?;
+            b.validate(&bat, self)?;
         }
         let active = self.backends.iter().filter(|b| b.active()).count();
         if active as u64 * 10 > agent.ring_size as u64 {
@@ -548,7 +586,7 @@ impl VipConfig {
 
 impl BackendConfig {
     /// One backend of `vip`; `at` names it (`vip[NAME].backends[I]`).
-    fn validate(&self, at: &str, vip: &VipConfig, agent: &AgentConfig) -> Result<(), FieldError> {
+    fn validate(&self, at: &str, vip: &VipConfig) -> Result<(), FieldError> {
         if let Some(why) = unusable_address(self.address) {
             return err(format!("{at}.address"), why);
         }
@@ -569,25 +607,6 @@ impl BackendConfig {
                 format!("{at}.address"),
                 "l2dsr needs a backend of the VIP's address family",
             );
-        }
-        if self.mac.is_none() && agent.gateway_mac.is_none() {
-            return err(
-                format!("{at}.mac"),
-                "required when agent.gateway_mac is not set",
-            );
-        }
-        if vip.forwarding != Forwarding::L2dsr {
-            let (field, missing) = if self.address.is_ipv4() {
-                ("agent.encap_source_v4", agent.encap_source_v4.is_none())
-            } else {
-                ("agent.encap_source_v6", agent.encap_source_v6.is_none())
-            };
-            if missing {
-                return err(
-                    field,
-                    format!("required: {} encapsulates to {}", vip.field(), self.address),
-                );
-            }
         }
         Ok(())
     }
@@ -664,17 +683,22 @@ backends = [
             c.vips[0].address = "2001:db8::1".parse().unwrap();
         })
         .contains("ipip cannot carry an IPv6 VIP to an IPv4 backend"));
-        assert!(
-            with(|c| c.agent.gateway_mac = None).starts_with("vip[web].backends[0].mac: required")
-        );
-        assert!(
-            with(|c| c.agent.encap_source_v4 = None).starts_with("agent.encap_source_v4: required")
-        );
+        // No MAC and no encap source: the agent finds them (next hops, interface address).
+        let mut c = Config::parse(GOOD).unwrap();
+        c.agent.gateway_mac = None;
+        c.agent.encap_source_v4 = None;
+        c.vips[0].backends[1].mac = None;
+        assert_eq!(c.validate(), Ok(()));
+        assert!(c
+            .check_encap_sources("eth0")
+            .unwrap_err()
+            .to_string()
+            .starts_with("agent.encap_source_v4: required: vip[web] encapsulates to 198.18.20.11 and eth0 has no global IPv4 address"));
         assert!(with(|c| c.agent.max_vips = 0).starts_with("agent.max_vips"));
         assert!(with(|c| {
             c.agent.max_backends = 1;
         })
-        .contains("exceed agent.max_backends"));
+        .contains("2 backends (counted per VIP) exceed agent.max_backends = 1"));
         assert!(with(|c| c.vips[0].port = 0).starts_with("vip[web].port"));
     }
 

@@ -7,4 +7,5 @@ pub mod config;
 pub mod dataplane;
 pub mod maglev;
 pub mod migrate;
+pub mod nexthop;
 pub mod reconcile;

@@ -73,11 +73,7 @@ pub struct Netns {
 impl Netns {
     /// Create `prefix-<pid>-<n>` with its loopback up.
     pub fn new(prefix: &str) -> Result<Netns> {
-        let name = unique_name(prefix);
-        run("ip", &["netns", "add", &name])?;
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
+        Netns::create(&unique_name(prefix))
     }
 
     /// Create a namespace with exactly this name (fails if it exists), loopback up.
@@ -87,6 +83,11 @@ impl Netns {
             name: name.to_string(),
         };
         ns.ip(&["link", "set", "lo", "up"])?;
+        // No duplicate address detection on the interfaces made later: their IPv6
+        // link-local addresses are usable at once (neighbour solicitations need one).
+        for k in ["all", "default"] {
+            ns.sysctl(&format!("net.ipv6.conf.{k}.accept_dad"), "0")?;
+        }
         Ok(ns)
     }
 

@@ -53,7 +53,7 @@ use aya::{
     programs::{links::FdLink, XdpMode},
 };
 use lb_userspace::{
-    config::{BackendConfig, Config, Forwarding, MacAddr, Protocol, VipConfig, DEFAULT_WEIGHT},
+    config::{BackendConfig, Config, Forwarding, Protocol, VipConfig, DEFAULT_WEIGHT},
     dataplane::{Dataplane, Sizes},
 };
 
@@ -66,9 +66,6 @@ use crate::netns::{
 pub const VIP4_RANGE: &str = "198.18.10.0/24";
 /// IPv6 VIPs: routed via the LB by the client, local on every backend.
 pub const VIP6_RANGE: &str = "2001:db8:10::/64";
-/// Outer source prefixes of encapsulated packets (`agent.encap_source_v4/v6`).
-pub const ENCAP_SOURCE_V4: &str = "198.18.255.0/24";
-pub const ENCAP_SOURCE_V6: &str = "2001:db8:ff::/112";
 /// Default ports of the backends' servers.
 pub const HTTP_PORT: u16 = 80;
 pub const UDP_PORT: u16 = 53;
@@ -669,7 +666,9 @@ impl Testbed {
         self.dir().join("lb.toml")
     }
 
-    /// The `[agent]` table for the LB: native XDP on `eth0`, small maps, both encap sources.
+    /// The `[agent]` table for the LB: native XDP on `eth0`, small maps. Nothing else: the
+    /// agent finds the backends' MACs (routes and neighbours) and the outer source of
+    /// encapsulated packets (the interface's addresses) itself.
     pub fn agent_table() -> Config {
         Config::parse(&format!(
             r#"[agent]
@@ -677,16 +676,15 @@ interface = "{IFACE}"
 xdp_mode = "native"
 ring_size = 16381
 max_vips = 32
-max_backends = 64
+max_backends = 256
 max_conns = 65536
-encap_source_v4 = "{ENCAP_SOURCE_V4}"
-encap_source_v6 = "{ENCAP_SOURCE_V6}"
 "#
         ))
         .expect("the agent table is valid")
     }
 
-    /// A VIP whose backends are this testbed's backends (with their MACs).
+    /// A VIP whose backends are this testbed's backends (addresses only: the agent
+    /// resolves their MACs).
     pub fn vip_config(&self, spec: &VipSpec) -> VipConfig {
         VipConfig {
             name: spec.name.clone(),
@@ -703,7 +701,7 @@ encap_source_v6 = "{ENCAP_SOURCE_V6}"
                     address: b.addr(spec.backends_v6),
                     weight: spec.weight(i),
                     drain: false,
-                    mac: Some(MacAddr(b.mac)),
+                    mac: None,
                 })
                 .collect(),
         }
@@ -790,8 +788,6 @@ encap_source_v6 = "{ENCAP_SOURCE_V6}"
                 b.address.to_string(),
                 "--weight".into(),
                 b.weight.to_string(),
-                "--mac".into(),
-                b.mac.unwrap().to_string(),
             ]);
         }
         cmds

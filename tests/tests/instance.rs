@@ -153,8 +153,7 @@ fn pins_of_a_newer_build_are_refused_and_the_running_data_plane_is_left_alone() 
     a.kill9()?;
     // As if a newer build had pinned the connection table.
     let data = MapData::from_pin(a.pin_dir().join("LAYOUT"))?;
-    let mut l: BpfHashMap<MapData, [u8; 16], MapLayout> =
-        BpfHashMap::try_from(Map::HashMap(data))?;
+    let mut l: BpfHashMap<MapData, [u8; 16], MapLayout> = BpfHashMap::try_from(Map::HashMap(data))?;
     let key = layout::key("CONNS");
     let ours = l.get(&key, 0)?;
     l.insert(

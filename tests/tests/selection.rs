@@ -555,12 +555,22 @@ fn a_syn_follows_the_ring_even_when_its_ports_name_an_entry_on_a_draining_backen
         // The client opens a new connection from the same port: a new flow on the ring.
         let fl = flow_of(&env, vip, client, sport);
         let r = ring_choice(&env.cfg(), &ring, false, &fl);
-        assert!(tcp_expect(&mut env, vip, client, sport, true, r), "SYN is new");
-        assert_eq!(env.conn(&fl), Some(r), "the SYN's entry replaced the old one");
+        assert!(
+            tcp_expect(&mut env, vip, client, sport, true, r),
+            "SYN is new"
+        );
+        assert_eq!(
+            env.conn(&fl),
+            Some(r),
+            "the SYN's entry replaced the old one"
+        );
         assert!(!tcp_expect(&mut env, vip, client, sport, false, r));
         on_draining += (b == draining) as usize;
     }
-    assert!(on_draining > 50, "setup: {on_draining} flows on the drained backend");
+    assert!(
+        on_draining > 50,
+        "setup: {on_draining} flows on the drained backend"
+    );
 }
 
 #[test]
@@ -607,7 +617,10 @@ fn an_entry_whose_backend_left_its_vip_no_longer_holds() {
                 stayed += 1;
             }
         }
-        assert!(left > 50 && stayed > 50, "setup: {left} reselected, {stayed} kept");
+        assert!(
+            left > 50 && stayed > 50,
+            "setup: {left} reselected, {stayed} kept"
+        );
     }
 }
 
@@ -671,7 +684,11 @@ fn entries_record_their_last_use_and_a_fin_or_rst() {
     let now = lb_userspace::migrate::coarse_now();
     env.lb(&Opts::default().tcp(client, 5000, v.addr, v.port, b"x"));
     let e = env.dp.conns.get(&fl, 0).unwrap();
-    assert!(e.atime.abs_diff(now) < 2_000_000_000, "atime {} now {now}", e.atime);
+    assert!(
+        e.atime.abs_diff(now) < 2_000_000_000,
+        "atime {} now {now}",
+        e.atime
+    );
     assert_eq!(e.flags, 0);
     // An old entry is refreshed by its next packet; a fresh one is left alone.
     let mut old = e;
@@ -682,7 +699,11 @@ fn entries_record_their_last_use_and_a_fin_or_rst() {
     assert!(e.atime > old.atime + 9_000_000_000, "refreshed");
     let fresh = e.atime;
     env.lb(&Opts::default().tcp(client, 5000, v.addr, v.port, b"x"));
-    assert_eq!(env.dp.conns.get(&fl, 0).unwrap().atime, fresh, "written at most once a second");
+    assert_eq!(
+        env.dp.conns.get(&fl, 0).unwrap().atime,
+        fresh,
+        "written at most once a second"
+    );
     for (i, what, o) in [
         (8, "FIN", Opts::default().with_fin(true)),
         (9, "RST", Opts::default().with_rst(true)),

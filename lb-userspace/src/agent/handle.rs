@@ -125,6 +125,14 @@ impl Agent {
                             drain: b.drain,
                             mac: b.mac,
                             id: self.backend_id(v, &b.address),
+                            next_hop: self
+                                .applied
+                                .members
+                                .get(&(reconcile::vip_key(v), b.address))
+                                .map(|(_, be)| be.mac)
+                                .filter(|m| *m != [0; 6])
+                                .map(crate::config::MacAddr),
+                            unresolved: self.view.unresolved.get(&b.address).cloned(),
                         })
                     })
                     .collect(),
@@ -177,7 +185,10 @@ impl Agent {
                     weight: b.weight,
                     state: BackendState::of(b),
                     counters,
-                    conns: id.and_then(|id| conns.get(&id)).copied().unwrap_or_default(),
+                    conns: id
+                        .and_then(|id| conns.get(&id))
+                        .copied()
+                        .unwrap_or_default(),
                 });
             }
             vips.push(VipStats {

@@ -7,7 +7,7 @@
 //! [`handle`]: answering requests; [`run`]: the event loop.
 use std::{
     path::{Path, PathBuf},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -23,6 +23,7 @@ use crate::{
     reconcile::{self, Applied, Changes},
 };
 
+mod effective;
 mod handle;
 pub mod os;
 pub mod pins;
@@ -32,6 +33,9 @@ pub use os::{ensure_bpffs, enter_netns, interface_mtu, require_root};
 pub use pins::{pin_dir, stop};
 use pins::{remove_pins, Attached, InstanceLock};
 pub use run::run;
+
+/// How long a start or a change waits for neighbours to answer (ARP / NDP).
+const RESOLVE_WAIT: Duration = Duration::from_secs(1);
 
 pub(crate) fn sizes(cfg: &Config) -> Sizes {
     Sizes {
@@ -45,7 +49,11 @@ pub(crate) fn sizes(cfg: &Config) -> Sizes {
 pub struct Agent {
     pub(crate) instance: String,
     pub(crate) config_path: PathBuf,
+    /// The operator's config (what the file says, what the CLI shows and writes back).
     pub(crate) cfg: Config,
+    /// What the data plane runs: `cfg` completed from the kernel (see `effective`).
+    pub(crate) eff: Config,
+    pub(crate) view: effective::KernelView,
     pub(crate) dp: Dataplane,
     pub(crate) applied: Applied,
     pub(crate) mtu: u32,
@@ -76,6 +84,7 @@ impl Agent {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let fresh = !dir.join("link").exists();
         let t = Instant::now();
+        let mut view = effective::KernelView::new()?;
         let started = (|| {
             migrate::recover(&dir, pins::link_program_maps(&dir)?)?;
             let mtu = interface_mtu(&cfg.agent.interface)?;
@@ -87,7 +96,8 @@ impl Agent {
                     let mut dp = Dataplane::load_at(sizes, &dir)?;
                     let how = pins::attach(&mut dp, &dir, iface, mode)?;
                     let mut applied = reconcile::adopt(&mut dp)?;
-                    let changes = reconcile::reconcile(&mut dp, &cfg, &mut applied, mtu)?;
+                    let eff = view.effective(&cfg, &applied, RESOLVE_WAIT)?;
+                    let changes = reconcile::reconcile(&mut dp, &eff, &mut applied, mtu)?;
                     log_attached(&how);
                     log_changes(&changes, "start");
                     let start = if how == Attached::Fresh {
@@ -95,7 +105,7 @@ impl Agent {
                     } else {
                         Start::Adopted
                     };
-                    Ok::<_, anyhow::Error>((mtu, dp, applied, start))
+                    Ok::<_, anyhow::Error>((mtu, dp, applied, start, eff))
                 }
                 Pins::Differ { pinned, changes } => {
                     info!(
@@ -103,8 +113,9 @@ impl Agent {
                         "the pinned maps differ from this build and config: migrating"
                     );
                     let mut how = None;
+                    let eff = view.effective(&cfg, &Applied::default(), RESOLVE_WAIT)?;
                     let (dp, applied, report) =
-                        migrate::migrate(&dir, &pinned, &cfg, sizes, mtu, |dp| {
+                        migrate::migrate(&dir, &pinned, &eff, sizes, mtu, |dp| {
                             how = Some(pins::attach(dp, &dir, iface, mode)?);
                             Ok(())
                         })?;
@@ -112,11 +123,11 @@ impl Agent {
                     if let Some(how) = how {
                         log_attached(&how);
                     }
-                    Ok((mtu, dp, applied, Start::Migrated))
+                    Ok((mtu, dp, applied, Start::Migrated, eff))
                 }
             }
         })();
-        let (mtu, dp, applied, start) = match started {
+        let (mtu, dp, applied, start, eff) = match started {
             Ok(s) => s,
             Err(e) => {
                 // Nothing was running before: leave nothing behind either.
@@ -139,6 +150,8 @@ impl Agent {
             instance: instance.into(),
             config_path: config_path.into(),
             cfg,
+            eff,
+            view,
             dp,
             applied,
             mtu,
@@ -165,11 +178,12 @@ impl Agent {
         } else {
             self.mtu
         };
+        let eff = self.view.effective(&new, &self.applied, RESOLVE_WAIT)?;
         if sizes(&new).normalized() != self.dp.sizes {
-            return self.migrate_to(new, mtu, persist, why);
+            return self.migrate_to(new, eff, mtu, persist, why);
         }
-        let old = self.cfg.clone();
-        let result = reconcile::reconcile(&mut self.dp, &new, &mut self.applied, mtu)
+        let old = self.eff.clone();
+        let result = reconcile::reconcile(&mut self.dp, &eff, &mut self.applied, mtu)
             .and_then(|c| {
                 if moved {
                     let how =
@@ -188,6 +202,7 @@ impl Agent {
         match result {
             Ok(changes) => {
                 self.cfg = new;
+                self.eff = eff;
                 self.mtu = mtu;
                 log_changes(&changes, why);
                 Ok(changes)
@@ -204,7 +219,14 @@ impl Agent {
     }
 
     /// New map sizes in a running agent: migrate to maps of those sizes (see `migrate`).
-    fn migrate_to(&mut self, new: Config, mtu: u32, persist: bool, why: &str) -> Result<Changes> {
+    fn migrate_to(
+        &mut self,
+        new: Config,
+        eff: Config,
+        mtu: u32,
+        persist: bool,
+        why: &str,
+    ) -> Result<Changes> {
         let dir = pin_dir(&self.instance);
         let sizes = sizes(&new);
         let Pins::Differ { pinned, changes } = pinned::inspect(&dir, &sizes)? else {
@@ -212,7 +234,7 @@ impl Agent {
         };
         info!(why, ?changes, "new map sizes: migrating");
         let (iface, mode) = (new.agent.interface.clone(), new.agent.xdp_mode);
-        let (dp, applied, report) = migrate::migrate(&dir, &pinned, &new, sizes, mtu, |dp| {
+        let (dp, applied, report) = migrate::migrate(&dir, &pinned, &eff, sizes, mtu, |dp| {
             log_attached(&pins::attach(dp, &dir, &iface, mode)?);
             Ok(())
         })?;
@@ -224,7 +246,40 @@ impl Agent {
             new.save(&self.config_path)?;
         }
         self.cfg = new;
+        self.eff = eff;
         Ok(Changes::default())
+    }
+
+    /// Routes, neighbours or addresses changed: complete the config again and apply what
+    /// differs (a next-hop MAC, a backend resolved or lost, a new interface address).
+    pub fn kernel_changed(&mut self) {
+        let eff = match self
+            .view
+            .effective(&self.cfg, &self.applied, Duration::ZERO)
+        {
+            Ok(e) => e,
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "after a route/neighbour change");
+                return;
+            }
+        };
+        if eff == self.eff {
+            return;
+        }
+        match reconcile::reconcile(&mut self.dp, &eff, &mut self.applied, self.mtu) {
+            Ok(changes) => {
+                self.eff = eff;
+                log_changes(&changes, "next hops");
+            }
+            Err(e) => error!(error = %format!("{e:#}"), "applying next-hop changes"),
+        }
+    }
+
+    /// Ask the kernel to re-validate every next hop (periodically).
+    pub fn refresh_next_hops(&mut self) {
+        if let Err(e) = self.view.refresh() {
+            error!(error = %format!("{e:#}"), "re-validating next hops");
+        }
     }
 
     pub fn reload(&mut self) {

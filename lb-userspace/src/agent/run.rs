@@ -62,12 +62,30 @@ pub fn run(config: &Path, instance: &str) -> Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        // Route, neighbour and address changes, heard on a thread of its own (the netlink
+        // read blocks); several in a row make one re-resolution.
+        let (kernel_tx, mut kernel_rx) = mpsc::channel::<()>(1);
+        let monitor = crate::nexthop::Monitor::new()?;
+        std::thread::spawn(move || {
+            while monitor.wait().is_ok() {
+                if kernel_tx.try_send(()).is_err() && kernel_tx.is_closed() {
+                    break;
+                }
+            }
+        });
+        let mut probe = tokio::time::interval(crate::nexthop::TICK);
         info!(socket = %sock.display(), "listening");
         loop {
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM: exiting, data plane stays attached"); break; }
                 _ = int.recv() => { info!("SIGINT: exiting, data plane stays attached"); break; }
                 _ = hup.recv() => agent.reload(),
+                Some(()) = kernel_rx.recv() => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    while kernel_rx.try_recv().is_ok() {}
+                    agent.kernel_changed();
+                }
+                _ = probe.tick() => agent.refresh_next_hops(),
                 Some((req, reply)) = rx.recv() => {
                     let shutdown = matches!(req, Request::Shutdown);
                     let _ = reply.send(agent.handle(req));

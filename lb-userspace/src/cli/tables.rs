@@ -77,14 +77,24 @@ fn vips(rows: &[VipRow]) -> String {
 }
 
 fn backends(rows: &[BackendRow]) -> String {
-    let mut t = table(&["VIP", "ADDRESS", "WEIGHT", "DRAIN", "MAC", "ID"], &[2, 5]);
+    let mut t = table(
+        &["VIP", "ADDRESS", "WEIGHT", "DRAIN", "NEXT HOP", "ID"],
+        &[2, 5],
+    );
     for b in rows {
+        // The MAC frames go to: configured, resolved, the gateway's, or why there is none.
+        let next_hop = match (&b.unresolved, b.mac, b.next_hop) {
+            (Some(why), _, _) => format!("unresolved ({why})"),
+            (None, Some(m), _) => format!("{m} (configured)"),
+            (None, None, Some(m)) => m.to_string(),
+            (None, None, None) => "agent.gateway_mac".into(),
+        };
         t.add_row(vec![
             b.vip.clone(),
             b.address.to_string(),
             b.weight.to_string(),
             yes(b.drain).into(),
-            b.mac.map_or("gateway".into(), |m| m.to_string()),
+            next_hop,
             b.id.map_or("-".into(), |i| i.to_string()),
         ]);
     }
@@ -102,6 +112,7 @@ fn status(s: &Status) -> String {
         ("xdp mode", format!("{:?}", s.xdp_mode).to_lowercase()),
         ("program id", s.program_id.to_string()),
         ("adopted", yes(s.adopted).into()),
+        ("start", format!("{:?}", s.start).to_lowercase()),
         ("mtu", s.mtu.to_string()),
         ("vips", s.vips.to_string()),
         ("backends", s.backends.to_string()),
