@@ -1283,8 +1283,122 @@ impl HttpReply {
 /// `GET path` over a new connection (`Connection: close`); the body by `Content-Length`.
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<HttpReply> {
     let what = format!("GET http://{addr}{path}");
+    TcpStream::connect_timeout(&addr, timeout)
+        .map_err(anyhow::Error::from)
+        .and_then(|s| http_get_on(s, addr, path, timeout))
+        .with_context(|| what)
+}
+
+/// As [`http_get`], from local port `port` (as a busy client or a NAT reuses ports).
+pub fn http_get_from(
+    port: u16,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<HttpReply> {
+    use std::os::fd::FromRawFd;
+    let what = format!("GET http://{addr}{path} from port {port}");
     let r = (|| -> Result<HttpReply> {
-        let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+        let sock = socket2_free::bound(port, addr.is_ipv6())?;
+        let s = unsafe { TcpStream::from_raw_fd(sock) };
+        s.set_write_timeout(Some(timeout))?; // SO_SNDTIMEO bounds connect() too
+        socket2_free::connect(&s, addr)?;
+        http_get_on(s, addr, path, timeout)
+    })();
+    r.with_context(|| what)
+}
+
+/// Bind before connect with plain libc (std has no such call).
+mod socket2_free {
+    use std::{
+        net::{SocketAddr, TcpStream},
+        os::fd::AsRawFd,
+    };
+
+    use anyhow::{bail, Result};
+
+    fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, u32) {
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match a {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as u16,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (ss, len as u32)
+    }
+
+    /// A TCP socket bound to `port` (SO_REUSEADDR), not connected.
+    pub fn bound(port: u16, v6: bool) -> Result<i32> {
+        let fam = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+        let fd = unsafe { libc::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let one: libc::c_int = 1;
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                &one as *const _ as *const libc::c_void,
+                4,
+            )
+        };
+        let any: SocketAddr = if v6 {
+            (std::net::Ipv6Addr::UNSPECIFIED, port).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, port).into()
+        };
+        let (ss, len) = sockaddr(any);
+        if unsafe { libc::bind(fd, &ss as *const _ as *const libc::sockaddr, len) } != 0 {
+            let e = std::io::Error::last_os_error();
+            unsafe { libc::close(fd) };
+            bail!("bind to port {port}: {e}");
+        }
+        Ok(fd)
+    }
+
+    pub fn connect(s: &TcpStream, to: SocketAddr) -> Result<()> {
+        let (ss, len) = sockaddr(to);
+        let r =
+            unsafe { libc::connect(s.as_raw_fd(), &ss as *const _ as *const libc::sockaddr, len) };
+        if r != 0 {
+            bail!("connect: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// GET `path` over the connected stream `s`.
+fn http_get_on(
+    mut s: TcpStream,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<HttpReply> {
+    {
         let local = s.local_addr()?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
@@ -1328,8 +1442,7 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<HttpR
         reply.body = vec![0; len];
         r.read_exact(&mut reply.body)?;
         Ok(reply)
-    })();
-    r.with_context(|| what)
+    }
 }
 
 /// A UDP echo reply: which backend, and what it echoed.

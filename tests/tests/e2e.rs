@@ -21,8 +21,8 @@ use lb_common::DecapReason;
 use lb_tests::{
     netns::{in_netns, lb, unique_name},
     testbed::{
-        down_prefix, http_get, leftovers, pattern_mismatch, udp_request, udp_request_from,
-        ForwardingPath, Testbed, TestbedOpts, UdpReply, VipSpec,
+        down_prefix, http_get, http_get_from, leftovers, pattern_mismatch, udp_request,
+        udp_request_from, ForwardingPath, Testbed, TestbedOpts, UdpReply, VipSpec,
     },
 };
 use lb_userspace::config::Forwarding;
@@ -486,4 +486,71 @@ fn the_testbed_command_leaves_a_working_testbed_and_down_removes_it() -> Result<
         String::from_utf8_lossy(&down.stderr)
     );
     assert_clean(&prefix)
+}
+
+/// What the issue that asked for "a SYN always follows the ring" measured with real
+/// clients: a client that reuses its source port (busy clients and NATs do) landed on its
+/// old entry's backend, even when that backend was drained, removed from the VIP (while
+/// still serving another VIP), or when the VIP was removed and added again without it.
+#[test]
+fn a_client_reusing_its_source_ports_is_only_sent_to_backends_that_take_new_connections(
+) -> Result<()> {
+    const PORTS: std::ops::Range<u16> = 42000..42090;
+    let tb = testbed(opts())?;
+    let web = VipSpec::tcp("web", Ipv4Addr::new(198, 18, 10, 1), Forwarding::Ipip);
+    // The same backends serve a second VIP: removing one from `web` leaves it up there.
+    let other = VipSpec::tcp("other", Ipv4Addr::new(198, 18, 10, 2), Forwarding::Ipip);
+    tb.add_vip(&web)?;
+    tb.add_vip(&other)?;
+    let addr = web.socket_addr();
+    let get_all = |what: &str| -> Result<BTreeMap<u16, String>> {
+        tb.in_client(|| {
+            PORTS
+                .map(|p| {
+                    let r = http_get_from(p, addr, "/", TIMEOUT)?;
+                    ensure!(r.status == 200, "{what}: {r:?}");
+                    ensure!(r.local.port() == p, "{what}: bound to {p}");
+                    Ok((p, r.backend().to_string()))
+                })
+                .collect()
+        })?
+    };
+    let first = get_all("first")?;
+    let be = |i: usize| &tb.backends()[i];
+    let on = |m: &BTreeMap<u16, String>, name: &str| m.values().filter(|b| *b == name).count();
+    assert!(
+        on(&first, &be(0).name) > 10 && on(&first, &be(1).name) > 10,
+        "{first:?}"
+    );
+
+    tb.lb(&["backend", "drain", "web", &be(0).v4.to_string()])
+        .expect_ok("drain");
+    let after_drain = get_all("after the drain")?;
+    assert_eq!(
+        on(&after_drain, &be(0).name),
+        0,
+        "drained backend got: {after_drain:?}"
+    );
+
+    tb.lb(&["backend", "remove", "web", &be(1).v4.to_string()])
+        .expect_ok("remove");
+    let after_remove = get_all("after the removal")?;
+    assert_eq!(
+        on(&after_remove, &be(1).name),
+        0,
+        "removed backend got: {after_remove:?}"
+    );
+
+    tb.lb(&["vip", "remove", "web"]).expect_ok("vip remove");
+    tb.lb(&["vip", "add", "web", "198.18.10.1", "80", "tcp"])
+        .expect_ok("vip add");
+    tb.lb(&["backend", "add", "web", &be(2).v4.to_string()])
+        .expect_ok("backend add");
+    let after_readd = get_all("after the VIP came back")?;
+    assert_eq!(
+        on(&after_readd, &be(2).name),
+        PORTS.len(),
+        "only the re-added VIP's backend: {after_readd:?}"
+    );
+    Ok(())
 }
