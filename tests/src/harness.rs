@@ -4,12 +4,13 @@ use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_userspace::dataplane::{Dataplane, Sizes};
 
-/// Small maps: tests load many copies of the object.
+/// Small maps: tests load many copies of the object. The connection table holds 100,000
+/// entries made on one CPU (see [`crate::support::conns_for`]).
 pub fn test_sizes() -> Sizes {
     Sizes {
         max_vips: 16,
         max_backends: 256,
-        max_conns: 200_000,
+        max_conns: crate::support::conns_for(100_000),
         ring_stride: 65537,
     }
 }

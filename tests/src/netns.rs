@@ -420,40 +420,12 @@ impl Drop for Process {
     }
 }
 
-/// A directory under the system temp dir, removed when dropped.
-#[derive(Debug)]
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    pub fn new(prefix: &str) -> Result<TempDir> {
-        let path = std::env::temp_dir().join(unique_name(prefix));
-        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(TempDir { path })
-    }
-
-    /// A directory at exactly `path` (created if missing), removed when dropped.
-    pub fn create(path: &Path) -> Result<TempDir> {
-        fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(TempDir {
-            path: path.to_path_buf(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.path.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
-    }
+/// A temporary directory (under `$TMPDIR`, named `<prefix>...`), removed when dropped.
+pub fn temp_dir(prefix: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("{prefix}-"))
+        .tempdir()
+        .context("creating a temporary directory")
 }
 
 /// A binary of this build: `$env` if that is set, else `name` beside the running

@@ -59,7 +59,7 @@ use lb_userspace::{
 
 use crate::netns::{
     find_bin, find_lb_bin, fmt_mac, lb, unique_name, veth_pair, Agent, LbOut, Netns, Process,
-    TempDir, VethEnd,
+    VethEnd,
 };
 
 /// IPv4 VIPs: routed via the LB by the client, local on every backend.
@@ -390,7 +390,7 @@ pub struct Testbed {
     servers: Vec<Process>,
     xdp_pins: Option<PathBuf>,
     agent: Option<Agent>,
-    dir: Option<TempDir>,
+    dir: Option<StateDir>,
     torn_down: bool,
 }
 
@@ -444,7 +444,7 @@ impl Testbed {
             torn_down: false,
         };
         // From here on, an error drops `tb`, which removes whatever exists.
-        tb.dir = Some(TempDir::create(&state_dir(&prefix))?);
+        tb.dir = Some(StateDir::create(&state_dir(&prefix))?);
         tb.build_network()?;
         tb.attach_xdp()?;
         tb.start_servers(&server_bin)?;
@@ -1141,6 +1141,14 @@ fn processes(prefix: &str, namespaces: &[String]) -> Vec<(u32, String)> {
     out
 }
 
+/// Fail unless the testbed `prefix` left nothing behind (namespaces, pins, sockets, files,
+/// processes).
+pub fn assert_clean(prefix: &str) -> Result<()> {
+    let left = leftovers(prefix)?;
+    anyhow::ensure!(left.is_empty(), "testbed {prefix} left behind: {left}");
+    Ok(())
+}
+
 /// Everything that exists of testbeds named `<prefix>-...`.
 pub fn leftovers(prefix: &str) -> Result<Leftovers> {
     check_prefix(prefix)?;
@@ -1495,4 +1503,26 @@ pub fn udp_request_from(
         UdpReply::parse(&buf[..n])
     })();
     r.with_context(|| format!("UDP request to {addr}"))
+}
+
+/// The testbed's own directory, at a fixed path (so that `testbed down` finds it after a
+/// crash), removed when dropped.
+#[derive(Debug)]
+struct StateDir(PathBuf);
+
+impl StateDir {
+    fn create(path: &Path) -> Result<StateDir> {
+        fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(StateDir(path.to_path_buf()))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }

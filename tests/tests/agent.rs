@@ -25,8 +25,9 @@ use aya::{
 use lb_common::{ConnVal, DecapReason, FlowKey};
 use lb_tests::{
     harness::test_sizes,
-    netns::{lb_command, run, veth_pair, Agent, LbOut, Netns, RawSocket, TempDir, VethEnd},
+    netns::{lb_command, run, temp_dir, veth_pair, Agent, LbOut, Netns, RawSocket, VethEnd},
     packets::{flow4, Opts, UDP},
+    support::{wait_for, StopOnDrop},
 };
 use lb_userspace::{
     config::Config,
@@ -39,6 +40,7 @@ const PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
 
 /// The `[agent]` table of every test config: native XDP on `veth0`, small maps.
 fn agent_table(max_vips: u32, ring_size: u32) -> String {
+    let max_conns = lb_tests::support::conns_for(2048);
     format!(
         r#"[agent]
 interface = "veth0"
@@ -46,7 +48,7 @@ xdp_mode = "native"
 ring_size = {ring_size}
 max_vips = {max_vips}
 max_backends = 16
-max_conns = 4096
+max_conns = {max_conns}
 encap_source_v4 = "198.18.255.0/24"
 encap_source_v6 = "2001:db8:ff::/112"
 "#
@@ -67,11 +69,11 @@ backends = [{ address = "198.18.20.1", weight = 100, mac = "02:00:00:00:20:01" }
 struct Host {
     config: std::path::PathBuf,
     ns: Netns,
-    _dir: TempDir,
+    _dir: tempfile::TempDir,
 }
 
 fn host(config: &str) -> Result<Host> {
-    let dir = TempDir::new("lbt-agent")?;
+    let dir = temp_dir("lbt-agent")?;
     let ns = Netns::new("lbt-agent")?;
     veth_pair(
         &VethEnd {
@@ -87,7 +89,7 @@ fn host(config: &str) -> Result<Host> {
             addrs: &[],
         },
     )?;
-    let path = dir.join("lb.toml");
+    let path = dir.path().join("lb.toml");
     fs::write(&path, config)?;
     Ok(Host {
         config: path,
@@ -195,14 +197,6 @@ fn assert_refused(out: &LbOut, field: &str, what: &str) {
         "{what}: the message should name {field:?}: {}",
         out.stderr
     );
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -889,15 +883,6 @@ fn conns(a: &Agent) -> Result<BpfHashMap<MapData, FlowKey, ConnVal>> {
     Ok(BpfHashMap::try_from(Map::HashMap(data))?)
 }
 
-/// Sets the flag when dropped: the traffic threads end with the test, however it ends.
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 fn map_id(a: &Agent, name: &str) -> Result<u32> {
     Ok(MapData::from_pin(a.pin_dir().join(name))?.info()?.id())
 }
@@ -913,7 +898,7 @@ fn map_id(a: &Agent, name: &str) -> Result<u32> {
 #[test]
 fn upgrade_by_restart_swaps_the_program_in_the_link_keeps_maps_and_flows_and_loses_nothing(
 ) -> Result<()> {
-    let dir = TempDir::new("lbt-upgrade")?;
+    let dir = temp_dir("lbt-upgrade")?;
     let lbns = Netns::new("lbt-lb")?;
     let client = Netns::new("lbt-client")?;
     veth_pair(
@@ -941,7 +926,7 @@ fn upgrade_by_restart_swaps_the_program_in_the_link_keeps_maps_and_flows_and_los
         Ok(dp)
     })??;
 
-    let config = dir.join("lb.toml");
+    let config = dir.path().join("lb.toml");
     fs::write(
         &config,
         agent_table(8, 1009)

@@ -13,16 +13,17 @@ use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     process::Command,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{ensure, Context, Result};
 use lb_common::DecapReason;
 use lb_tests::{
     netns::{in_netns, lb, unique_name},
+    support::try_wait_for,
     testbed::{
-        down_prefix, http_get, http_get_from, leftovers, pattern_mismatch, udp_request,
-        udp_request_from, ForwardingPath, Testbed, TestbedOpts, UdpReply, VipSpec,
+        assert_clean, down_prefix, http_get, http_get_from, leftovers, pattern_mismatch,
+        udp_request, udp_request_from, ForwardingPath, Testbed, TestbedOpts, UdpReply, VipSpec,
     },
 };
 use lb_userspace::config::Forwarding;
@@ -42,21 +43,6 @@ fn testbed(opts: TestbedOpts) -> Result<Testbed> {
     let cfg = tb.agent_config(&[])?;
     tb.start_agent(&cfg)?;
     Ok(tb)
-}
-
-fn assert_clean(prefix: &str) -> Result<()> {
-    let left = leftovers(prefix)?;
-    ensure!(left.is_empty(), "testbed {prefix} left behind: {left}");
-    Ok(())
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !f()? {
-        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 /// `lb stats`: (packets, bytes, new_flows) of a VIP.
@@ -195,7 +181,7 @@ fn path_carries_http_and_udp(label: &str) -> Result<()> {
     assert_eq!(tcp_flows, tcp_ports.len() as u64, "{label}: new TCP flows");
     assert_eq!(udp_flows, FLOWS as u64 + 1, "{label}: new UDP flows");
     let mut forwarded = 0;
-    wait_for(
+    try_wait_for(
         "the backends to decapsulate what the LB forwarded",
         TIMEOUT,
         || {
@@ -468,7 +454,7 @@ fn the_testbed_command_leaves_a_working_testbed_and_down_removes_it() -> Result<
     );
     let st = Command::new("bash").args(["-c", restart]).status()?;
     ensure!(st.success(), "{restart}: {st}");
-    wait_for("the restarted agent", Duration::from_secs(10), || {
+    try_wait_for("the restarted agent", Duration::from_secs(10), || {
         let out = lb(&["--instance", &inst, "--json", "status"]);
         // The killed agent answers nothing: an answer is the new one's.
         Ok(out.ok() && serde_json::from_str::<Value>(&out.stdout)?["adopted"] == true)

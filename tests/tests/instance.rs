@@ -7,7 +7,7 @@ use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use lb_common::layout::{self, MapLayout};
 use lb_tests::{
-    netns::{veth_pair, Agent, Netns, TempDir, VethEnd},
+    netns::{temp_dir, veth_pair, Agent, Netns, VethEnd},
     support::wait_for,
 };
 
@@ -37,11 +37,11 @@ backends = [{{ address = "198.18.20.1" }}]
 struct Host {
     ns: Netns,
     config: std::path::PathBuf,
-    _dir: TempDir,
+    _dir: tempfile::TempDir,
 }
 
 fn host(interface: &str) -> Result<Host> {
-    let dir = TempDir::new("lbt-inst")?;
+    let dir = temp_dir("lbt-inst")?;
     let ns = Netns::new("lbt-inst")?;
     for (a, b, m) in [("veth0", "veth1", 1u8), ("veth2", "veth3", 3)] {
         veth_pair(
@@ -59,7 +59,7 @@ fn host(interface: &str) -> Result<Host> {
             },
         )?;
     }
-    let config = dir.join("lb.toml");
+    let config = dir.path().join("lb.toml");
     fs::write(&config, agent_table(interface))?;
     Ok(Host {
         ns,

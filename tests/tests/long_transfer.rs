@@ -31,7 +31,7 @@ use std::{
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use lb_tests::{
     netns::{fmt_mac, run, spawn_in_netns, unique_name},
-    testbed::{fill_pattern, http_get, leftovers, ForwardingPath, Host, Testbed, TestbedOpts},
+    testbed::{assert_clean, fill_pattern, http_get, ForwardingPath, Host, Testbed, TestbedOpts},
 };
 use serde_json::Value;
 
@@ -52,12 +52,6 @@ fn opts() -> TestbedOpts {
         .prefix(&unique_name("lblong"))
         .server_bin(env!("CARGO_BIN_EXE_lb-testbed-server"))
         .backends(4)
-}
-
-fn assert_clean(prefix: &str) -> Result<()> {
-    let left = leftovers(prefix)?;
-    ensure!(left.is_empty(), "testbed {prefix} left behind: {left}");
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ use lb_common::{flow_hash, ConnVal, FlowKey};
 use lb_tests::{
     harness::test_sizes,
     legacy,
-    netns::{fmt_mac, veth_pair, Agent, Netns, TempDir, VethEnd},
+    netns::{fmt_mac, temp_dir, veth_pair, Agent, Netns, VethEnd},
     packets::{flow4, UDP},
+    support::conns_for,
     traffic::{Flow, Report, Traffic},
 };
 use lb_userspace::{
@@ -89,11 +90,11 @@ struct Bed {
     lb: Netns,
     client: Netns,
     _pass: Dataplane,
-    dir: TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn bed() -> Result<Bed> {
-    let dir = TempDir::new("lbt-migrate")?;
+    let dir = temp_dir("lbt-migrate")?;
     let lb = Netns::new("lbt-mlb")?;
     let client = Netns::new("lbt-mcl")?;
     veth_pair(
@@ -222,11 +223,11 @@ fn held_by_entries_only(
 #[test]
 fn every_size_change_migrates_the_maps_under_live_traffic_and_keeps_every_flow() -> Result<()> {
     let bed = bed()?;
-    let path = bed.dir.join("lb.toml");
+    let path = bed.dir.path().join("lb.toml");
     let mut s = Sizes {
         max_vips: 8,
         max_backends: 32,
-        max_conns: 4096,
+        max_conns: conns_for(2048),
         ring_size: 1009,
     };
     // Six VIPs (ids 0-5); three are removed below, leaving ids 0, 1 and 5.
@@ -279,7 +280,7 @@ fn every_size_change_migrates_the_maps_under_live_traffic_and_keeps_every_flow()
     // VIP's ring. Now the maps are rebuilt at the new size; VIP id 5 no longer fits in 4.
     s.max_vips = 4;
     step(&mut a, s, "restart")?;
-    s.max_conns = 8192;
+    s.max_conns = conns_for(4096);
     step(&mut a, s, "reload")?;
     // A larger ring: every flow's slot moves; only the copied entries keep the flows.
     s.ring_size = 2003;
@@ -289,7 +290,7 @@ fn every_size_change_migrates_the_maps_under_live_traffic_and_keeps_every_flow()
     );
     s.max_backends = 64;
     step(&mut a, s, "restart")?;
-    s.max_conns = 2048;
+    s.max_conns = conns_for(1024);
     step(&mut a, s, "restart")?;
     t.wait_more(300);
     let report = t.finish()?;
@@ -336,11 +337,11 @@ fn every_size_change_migrates_the_maps_under_live_traffic_and_keeps_every_flow()
 fn upgrade_from_the_first_release_converts_its_maps_under_live_traffic() -> Result<()> {
     let old = legacy::lb_at(legacy::V1)?;
     let bed = bed()?;
-    let path = bed.dir.join("lb.toml");
+    let path = bed.dir.path().join("lb.toml");
     let s = Sizes {
         max_vips: 8,
         max_backends: 32,
-        max_conns: 4096,
+        max_conns: conns_for(2048),
         ring_size: 1009,
     };
     // Two VIPs sharing a backend address: one id in release 1, two memberships now.

@@ -30,7 +30,7 @@ fn config(backends: &[(u8, u32)]) -> Config {
             ring_size: 65537,
             max_vips: 16,
             max_backends: 256,
-            max_conns: 200_000,
+            max_conns: lb_tests::support::conns_for(100_000),
             mtu: None,
             gateway_mac: Some("02:00:00:00:00:fe".parse().unwrap()),
             encap_source_v4: Some("198.18.255.0/24".parse().unwrap()),

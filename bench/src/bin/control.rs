@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use lb_common::{VipKey, VipMeta, DEFAULT_RING_SIZE, RINGS_PER_VIP};
-use lb_tests::netns::{find_lb_bin, veth_pair, Agent, Netns, TempDir, VethEnd};
+use lb_tests::netns::{find_lb_bin, temp_dir, veth_pair, Agent, Netns, VethEnd};
 use lb_userspace::{
     config::Config,
     dataplane::{addr_raw, port_raw, Dataplane, Sizes, MAP_NAMES},
@@ -333,8 +333,8 @@ fn agent_bench() -> Result<()> {
             addrs: &["198.18.254.2/30"],
         },
     )?;
-    let dir = TempDir::new("lbbench-ctl")?;
-    let cfg_path = dir.join("lb.toml");
+    let dir = temp_dir("lbbench-ctl")?;
+    let cfg_path = dir.path().join("lb.toml");
     let text = config_toml("lbc0", NVIPS, NBACKENDS);
     let cfg = Config::parse(&text)?;
     fs::write(&cfg_path, &text)?;
