@@ -173,6 +173,8 @@ fn main() -> Result<()> {
     println!("  {}", shown.join("\n  ").trim_end());
     let demo = Demo { tb, vips, start };
     demo.lb(&["vip", "list"])?;
+    // No MACs or outer source in the config: the agent found the next hops itself.
+    demo.lb(&["backend", "list", "web4"])?;
 
     for v in 0..demo.vips.len() {
         let s = &demo.vips[v];
@@ -203,10 +205,8 @@ fn main() -> Result<()> {
 
     demo.step("restoring both");
     demo.lb(&["backend", "undrain", "web4", &drained])?;
-    let mac = lb_tests::netns::fmt_mac(b[2].mac);
-    demo.lb(&[
-        "backend", "add", "web4", &out, "--weight", "300", "--mac", &mac,
-    ])?;
+    // No MAC: the agent resolves the backend's next hop itself.
+    demo.lb(&["backend", "add", "web4", &out, "--weight", "300"])?;
     demo.round(0)?;
 
     demo.step("drop and pass reasons counted by the lb program");
