@@ -597,7 +597,9 @@ fn map_memory(pins: &Path, cfg: &Config) -> Result<()> {
     let pc = |entries: u64| entries * (8 + cpus * counters);
     let stride = (ring + 1) & !1; // ring size rounded up to even; two slots per 8-byte element
     let rings = u64::from(a.max_vips) * 2 * stride * 4;
-    let conn_elem = k.htab_elem + 40 + 8;
+    let conn_value = std::mem::size_of::<lb_common::ConnVal>() as u64;
+    let backend_value = (std::mem::size_of::<lb_common::Backend>() as u64 + 7) & !7;
+    let conn_elem = k.htab_elem + 40 + conn_value;
     let conns =
         u64::from(a.max_conns) * conn_elem + u64::from(a.max_conns).next_power_of_two() * k.bucket;
     let measured = |n: &str| by_name.get(n).map_or(0, |i| i.memlock);
@@ -613,7 +615,7 @@ fn map_memory(pins: &Path, cfg: &Config) -> Result<()> {
     println!(
         "{:<58} {:>14} {:>14}",
         format!(
-            "CONNS: max_conns*({}+40+8) + pow2(max_conns)*{}",
+            "CONNS: max_conns*({}+40+{conn_value}) + pow2(max_conns)*{}",
             k.htab_elem, k.bucket
         ),
         mb(conns),
@@ -639,8 +641,8 @@ fn map_memory(pins: &Path, cfg: &Config) -> Result<()> {
     );
     println!(
         "{:<58} {:>14} {:>14}",
-        "BACKENDS: max_backends*24",
-        mb(u64::from(a.max_backends) * 24),
+        format!("BACKENDS: max_backends*{backend_value}"),
+        mb(u64::from(a.max_backends) * backend_value),
         mb(measured("BACKENDS"))
     );
     let per_vip = 2 * stride * 4
@@ -648,7 +650,7 @@ fn map_memory(pins: &Path, cfg: &Config) -> Result<()> {
         + cpus * counters
         + (k.htab_elem + 24 + 16 + k.bucket)
         + (k.htab_elem + 24 + 8 + k.bucket);
-    let per_be = 24 + 8 + cpus * counters;
+    let per_be = backend_value + 8 + cpus * counters;
     println!(
         "=> per VIP slot ~{} B (rings {} + VIP_STATS + VIPS + VIP_ADDRS), per backend slot {} B, \
          per connection slot ~{} B",
