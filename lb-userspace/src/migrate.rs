@@ -243,10 +243,12 @@ pub fn migrate(
             return Err(e.context("preparing the new maps (the running data plane is unchanged)"));
         }
     };
+    fault("migrate-before-swap");
     if let Err(e) = attach(&mut dp) {
         remove_dir(&next);
         return Err(e.context("swapping in the new program (the running data plane is unchanged)"));
     }
+    fault("migrate-after-swap");
     // From here the new program runs. Wait until the old one cannot: then its maps are
     // frozen, and what it did since the first copy can be carried over.
     dp.wait_for_programs()?;
@@ -319,6 +321,15 @@ fn add_counters(dir: &Path, old: &Old, applied: &Applied, dp: &mut Dataplane) ->
         }
     }
     Ok(())
+}
+
+/// Test hook: with `LB_FAULT=<at>` the agent dies at that point as under `kill -9`, so
+/// tests can show that the next start finishes or undoes the migration.
+fn fault(at: &str) {
+    if std::env::var("LB_FAULT").is_ok_and(|v| v == at) {
+        tracing::warn!(at, "LB_FAULT: aborting here");
+        std::process::abort();
+    }
 }
 
 /// Rename every map pinned in `next/` over its old pin, then remove `next/`.

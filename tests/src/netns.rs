@@ -594,6 +594,8 @@ pub struct Agent {
     own_process_group: bool,
     /// The `lb` binary to run (default: this build's).
     bin: Option<PathBuf>,
+    /// Extra environment of the next spawns.
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -620,6 +622,15 @@ impl Agent {
             child: None,
             own_process_group: false,
             bin: None,
+            env: Vec::new(),
+        }
+    }
+
+    /// Set (`Some`) or clear (`None`) an environment variable of the next spawns.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.into(), v.into()));
         }
     }
 
@@ -704,6 +715,7 @@ impl Agent {
             None => find_lb_bin()?,
         };
         let mut cmd = Command::new(bin);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.args(self.args())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

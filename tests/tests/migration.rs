@@ -393,3 +393,56 @@ fn upgrade_from_the_first_release_converts_its_maps_under_live_traffic() -> Resu
     }
     Ok(())
 }
+
+/// A migration killed at either side of the program swap (as `kill -9` would): the data
+/// plane runs on (the old program on the old maps, or the new one on the new maps), and
+/// the next start undoes or finishes it. Nothing is lost either way.
+#[test]
+fn a_migration_killed_before_or_after_the_swap_is_undone_or_finished_by_the_next_start(
+) -> Result<()> {
+    let bed = bed()?;
+    let path = bed.dir.path().join("lb.toml");
+    let vips = [(1, 3), (2, 3)];
+    let mut s = Sizes {
+        max_vips: 8,
+        max_backends: 32,
+        max_conns: conns_for(2048),
+        ring_size: 1009,
+    };
+    fs::write(&path, config(s, &vips))?;
+    let mut a = Agent::start(&bed.lb, &path)?;
+    let flows: Vec<Flow> = [1, 2].iter().flat_map(|&i| flows_to(i, 16)).collect();
+    let t = bed.traffic(flows.clone())?;
+    t.wait_all_seen(Duration::from_secs(5));
+    let before = t.backends_now();
+    for (fault, then) in [
+        ("migrate-before-swap", "removed the new maps"),
+        ("migrate-after-swap", "finished a migration"),
+    ] {
+        t.wait_more(200);
+        a.kill9()?;
+        s.max_conns += conns_for(1024);
+        fs::write(&path, config(s, &vips))?;
+        a.set_env("LB_FAULT", Some(fault));
+        let (st, log) = a.run_to_exit(Duration::from_secs(20))?;
+        assert!(!st.success(), "{fault}: the agent should have died: {log}");
+        assert!(a.pin_dir().join("next").exists(), "{fault}: left next/");
+        t.wait_more(200); // traffic goes on with no agent, mid-migration
+        a.set_env("LB_FAULT", None);
+        a.spawn()?;
+        assert!(a.log().contains(then), "{fault}: {}", a.log());
+        assert!(!a.pin_dir().join("next").exists(), "{fault}: next/ gone");
+        let st = a.json(&["status"]);
+        // Undone: migrated now. Finished: the new maps are the pins, adopted as they are.
+        let want = if fault == "migrate-before-swap" {
+            "migrated"
+        } else {
+            "adopted"
+        };
+        assert_eq!(st["start"], want, "{fault}");
+    }
+    t.wait_more(300);
+    let report = t.finish()?;
+    assert_kept(&report, &before);
+    Ok(())
+}
