@@ -28,7 +28,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::*;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::{
     config::Config,
@@ -201,17 +201,49 @@ pub fn coarse_now() -> u64 {
 pub struct Report {
     /// Entries copied before the program swap.
     pub conns_copied: usize,
-    /// Entries the old program made between that copy and the swap, copied after it.
+    /// Entries the old program made or moved between that copy and the swap, written after
+    /// it (unless the new program had made its own meanwhile).
     pub conns_late: usize,
     /// Entries beyond the new table's capacity (the least recently used; their flows
     /// follow the ring, which picks the same backend while the VIP's backends are as they
     /// were).
     pub conns_dropped: usize,
+    /// Steps after the swap that failed (the new maps run regardless; the next start
+    /// finishes what is left).
+    pub problems: Vec<String>,
+}
+
+/// The next-hop MACs the old maps hold, by backend address: what the new maps use for a
+/// backend whose next hop is not resolved (yet) at the time of the migration.
+pub fn old_macs(dir: &Path, pinned: &BTreeMap<&'static str, Pinned>) -> BTreeMap<IpAddr, [u8; 6]> {
+    let mut out = BTreeMap::new();
+    let (Ok(Some(d)), Some(p)) = (open(dir, "BACKENDS"), pinned.get("BACKENDS")) else {
+        return out;
+    };
+    let Ok(fd) = fd_of(&d) else {
+        return out;
+    };
+    let mut add = |addr: [u32; 4], family: u8, mac: [u8; 6], state: u8| {
+        if state != BACKEND_EMPTY && mac != [0; 6] {
+            out.insert(ip_from_raw(addr, family), mac);
+        }
+    };
+    if p.layout.version == 1 {
+        if let Ok(all) = sys::lookup_batch::<BackendV1>(&fd, 0, p.max_entries) {
+            all.iter()
+                .for_each(|b| add(b.addr, b.family, b.mac, b.state));
+        }
+    } else if let Ok(all) = sys::lookup_batch::<Backend>(&fd, 0, p.max_entries) {
+        all.iter()
+            .for_each(|b| add(b.addr, b.family, b.mac, b.state));
+    }
+    out
 }
 
 /// Migrate the data plane pinned under `dir` (described by `pinned`) to the maps `cfg`
 /// and this build want; `attach` puts the new program into the link. Returns the new data
-/// plane, what reconcile made of it, and a report.
+/// plane, what reconcile made of it, and a report. An error means the running data plane
+/// is as it was; once the new program runs, this never fails (see [`Report::problems`]).
 pub fn migrate(
     dir: &Path,
     pinned: &BTreeMap<&'static str, Pinned>,
@@ -225,18 +257,27 @@ pub fn migrate(
     remove_dir(&next);
     std::fs::create_dir(&next).with_context(|| format!("creating {}", next.display()))?;
     let prepared = (|| {
-        let mut dp = Dataplane::load_at(sizes, &next)?;
+        let mut dp = Dataplane::load_at(sizes, &next).with_context(|| {
+            format!(
+                "creating maps of agent.max_vips {}, agent.max_backends {}, agent.max_conns {}, \
+                 agent.ring_size {}",
+                sizes.max_vips, sizes.max_backends, sizes.max_conns, sizes.ring_stride
+            )
+        })?;
         let mut applied = Applied {
             hints: old.hints(),
             ..Default::default()
         };
         reconcile::reconcile(&mut dp, cfg, &mut applied, mtu)?;
         let conns = old.conns(&applied)?;
-        let total = conns.len();
-        let copied = dp.insert_conns(conns, false)?;
-        Ok::<_, anyhow::Error>((dp, applied, total, copied))
+        let first: HashMap<FlowKey, (u32, u16)> = conns
+            .iter()
+            .map(|(k, v)| (*k, (v.backend, v.vip)))
+            .collect();
+        dp.insert_conns(conns)?;
+        Ok::<_, anyhow::Error>((dp, applied, first))
     })();
-    let (mut dp, applied, total, copied) = match prepared {
+    let (mut dp, applied, first) = match prepared {
         Ok(p) => p,
         Err(e) => {
             remove_dir(&next);
@@ -249,21 +290,58 @@ pub fn migrate(
         return Err(e.context("swapping in the new program (the running data plane is unchanged)"));
     }
     fault("migrate-after-swap");
-    // From here the new program runs. Wait until the old one cannot: then its maps are
-    // frozen, and what it did since the first copy can be carried over.
-    dp.wait_for_programs()?;
-    let late = old.conns(&applied)?;
-    let conns_late = dp.insert_conns(late, true)?;
-    if let Err(e) = add_counters(dir, &old, &applied, &mut dp) {
-        warn!(error = %format!("{e:#}"), "counters of the old maps not carried over");
-    }
-    commit(dir)?;
-    let report = Report {
-        conns_copied: copied,
-        conns_late,
-        conns_dropped: total.saturating_sub(sizes.max_conns as usize),
+    // From here the new program runs on the new maps: whatever fails below is reported,
+    // never undone (the old maps are no longer read by anyone).
+    let mut report = Report {
+        conns_copied: first.len(),
+        conns_dropped: first.len().saturating_sub(sizes.max_conns as usize),
+        ..Default::default()
     };
+    // Wait until the old program cannot run any more: then its maps are frozen, and what
+    // it did since the first copy can be carried over.
+    let late = dp
+        .wait_for_programs()
+        .and_then(|_| carry_late_conns(&old, &applied, &mut dp, &first));
+    match late {
+        Ok(n) => report.conns_late = n,
+        Err(e) => report
+            .problems
+            .push(format!("late connection entries: {e:#}")),
+    }
+    if let Err(e) = add_counters(dir, &old, &applied, &mut dp) {
+        report.problems.push(format!("old counters: {e:#}"));
+    }
+    // A rename can fail only on a broken bpffs; try twice, then leave it to the next start
+    // (`recover`, which sees that the link runs on these maps).
+    if let Err(e) = commit(dir).or_else(|_| commit(dir)) {
+        report
+            .problems
+            .push(format!("renaming the new pins into place: {e:#}"));
+    }
     Ok((dp, applied, report))
+}
+
+/// After the swap: the entries the old program made or moved after the first copy. An
+/// entry the new program has made (or moved) itself since is left as it is.
+fn carry_late_conns(
+    old: &Old,
+    applied: &Applied,
+    dp: &mut Dataplane,
+    first: &HashMap<FlowKey, (u32, u16)>,
+) -> Result<usize> {
+    let mut n = 0;
+    for (k, v) in old.conns(applied)? {
+        let copied = first.get(&k).copied();
+        if copied == Some((v.backend, v.vip)) {
+            continue; // unchanged since the first copy
+        }
+        let now = dp.conns.get(&k, 0).ok().map(|c| (c.backend, c.vip));
+        if now.is_none() || now == copied {
+            dp.conns.insert(k, v, 0).context("writing CONNS")?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Add the old per-CPU counters to the new ones, translated by identity: reasons by index,
@@ -332,31 +410,46 @@ fn fault(at: &str) {
     }
 }
 
-/// Rename every map pinned in `next/` over its old pin, then remove `next/`.
+/// Rename every map pinned in `next/` over its old pin, then remove `next/`. A directory
+/// `next/committing` marks that the renames have begun (bpffs holds no plain files), so
+/// that a crash halfway is finished by the next start ([`recover`]); `LAYOUT` goes first.
 fn commit(dir: &Path) -> Result<()> {
     let next = staging(dir);
-    for m in &MAPS {
+    let marker = next.join("committing");
+    if !marker.exists() {
+        std::fs::create_dir(&marker).with_context(|| format!("creating {}", marker.display()))?;
+    }
+    let layout_first = MAPS
+        .iter()
+        .filter(|m| m.name == "LAYOUT")
+        .chain(MAPS.iter().filter(|m| m.name != "LAYOUT"));
+    for m in layout_first {
         let from = next.join(m.name);
         if from.exists() {
             std::fs::rename(&from, dir.join(m.name))
                 .with_context(|| format!("renaming {} into place", from.display()))?;
         }
+        if m.name == "VIPS" {
+            fault("migrate-mid-commit");
+        }
     }
+    std::fs::remove_dir(&marker).with_context(|| format!("removing {}", marker.display()))?;
     std::fs::remove_dir(&next).with_context(|| format!("removing {}", next.display()))
 }
 
 fn remove_dir(d: &Path) {
     if let Ok(entries) = std::fs::read_dir(d) {
         for e in entries.flatten() {
-            let _ = std::fs::remove_file(e.path());
+            let _ = std::fs::remove_file(e.path()).or_else(|_| std::fs::remove_dir(e.path()));
         }
     }
     let _ = std::fs::remove_dir(d);
 }
 
-/// At start: a `next/` left by a migration that did not finish. If the link already runs
-/// a program on those maps, finish the migration (rename them into place); otherwise it
-/// never got that far: remove them (the old maps are still the live ones).
+/// A `next/` left by a migration that did not finish (at start, and before any new
+/// migration). If the renames had begun, or the link's program runs on maps pinned in
+/// `next/`, the new maps are the live ones: finish (rename the rest into place).
+/// Otherwise it never got past the swap: remove them (the old maps are the live ones).
 pub fn recover(dir: &Path, link_prog_maps: Option<Vec<u32>>) -> Result<()> {
     let next = staging(dir);
     if !next.exists() {
@@ -369,7 +462,8 @@ pub fn recover(dir: &Path, link_prog_maps: Option<Vec<u32>>) -> Result<()> {
         }
     }
     let live = link_prog_maps.unwrap_or_default();
-    if staged.iter().any(|id| live.contains(id)) {
+    let committing = next.join("committing").exists();
+    if committing || live.iter().any(|id| staged.contains(id)) {
         commit(dir)?;
         info!(dir = %dir.display(), "finished a migration that was interrupted after the program swap");
     } else {

@@ -280,7 +280,8 @@ pub struct NextHops {
     ifindex: u32,
     /// Backend -> its next hop (a gateway, or itself), by the last route lookup.
     via: BTreeMap<IpAddr, IpAddr>,
-    /// Next hop -> MAC, by the last neighbour lookup (kept when a later lookup fails).
+    /// Next hop -> MAC, by the last neighbour lookup (a next hop that is gone or FAILED
+    /// there is gone here too).
     macs: BTreeMap<IpAddr, [u8; 6]>,
     /// Backends with no route out of the agent's interface, and why.
     pub unroutable: BTreeMap<IpAddr, String>,
@@ -337,11 +338,10 @@ impl NextHops {
         loop {
             let table = nl.neighbours(ifindex)?;
             let hops: BTreeSet<IpAddr> = self.via.values().copied().collect();
-            for h in &hops {
-                if let Some(m) = table.get(h) {
-                    self.macs.insert(*h, *m);
-                }
-            }
+            self.macs = hops
+                .iter()
+                .filter_map(|h| Some((*h, *table.get(h)?)))
+                .collect();
             let missing: Vec<IpAddr> = hops
                 .iter()
                 .filter(|h| !table.contains_key(h) && !self.asked.contains(h))

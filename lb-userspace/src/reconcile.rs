@@ -86,6 +86,8 @@ pub struct Changes {
     pub rings_rebuilt: usize,
     /// Connection entries deleted because their VIP or backend was removed.
     pub conns_swept: usize,
+    /// The maps were replaced by new ones of other sizes (see `migrate`).
+    pub migrated: bool,
 }
 
 impl Changes {
@@ -155,11 +157,14 @@ pub fn adopt(dp: &mut Dataplane) -> Result<Applied> {
     if dp.vip_filter.get(&0, 0)? != filter {
         dp.vip_filter.set(0, filter, 0)?;
     }
+    // An earlier agent may have died between retiring ids and sweeping their entries:
+    // sweep now, so that no entry outlives what it names (the ids leave quarantine later).
     if !orphans.is_empty() {
         dp.wait_for_programs()?;
-        let live: BTreeSet<u32> = applied.vips.values().map(|v| v.meta.id).collect();
-        dp.sweep_conns(|c| orphans.contains(&c.backend) || !live.contains(&(c.vip as u32)))?;
     }
+    let live: BTreeSet<u32> = applied.vips.values().map(|v| v.meta.id).collect();
+    let retired = &applied.retired;
+    dp.sweep_conns(|c| retired.contains_key(&c.backend) || !live.contains(&(c.vip as u32)))?;
     Ok(applied)
 }
 
@@ -250,10 +255,13 @@ fn free_backend_id(
     if let Some(id) = next_free(from, max, |i| used.contains(&i) || retired.contains_key(&i)) {
         return Ok(id);
     }
-    let (&id, _) = retired
-        .iter()
-        .min_by_key(|(_, t)| **t)
-        .ok_or_else(|| anyhow!("no free backend id below {max} (agent.max_backends)"))?;
+    let (&id, _) = retired.iter().min_by_key(|(_, t)| **t).ok_or_else(|| {
+        anyhow!(
+            "no free backend id below {max} (agent.max_backends): the ids of backends removed \
+             in the same change are free only after it; remove first, then add, or raise \
+             agent.max_backends"
+        )
+    })?;
     retired.remove(&id);
     Ok(id)
 }
@@ -284,10 +292,18 @@ pub fn reconcile(
                 let max = dp.sizes.max_vips;
                 let id = match hints.vips.get(&key) {
                     Some(&h) if h < max && !vip_ids.contains(&h) => h,
-                    _ => next_free(&mut vip_cursor, max, |i| vip_ids.contains(&i))
-                        .ok_or_else(|| anyhow!("no free VIP id below {max} (agent.max_vips)"))?,
+                    _ => next_free(&mut vip_cursor, max, |i| vip_ids.contains(&i)).ok_or_else(
+                        || {
+                            anyhow!(
+                                "no free VIP id below {max} (agent.max_vips): the ids of VIPs \
+                                 removed in the same change are free only after it"
+                            )
+                        },
+                    )?,
                 };
                 vip_ids.insert(id);
+                // A new VIP counts from zero, whatever an earlier holder of the id counted.
+                dp.zero_vip_counters(id)?;
                 (id, true)
             }
         };
@@ -337,6 +353,7 @@ pub fn reconcile(
                     hints.members.get(mk).copied(),
                 )?;
                 used.insert(id);
+                dp.zero_backend_counters(id)?;
                 dp.set_backend(id, be)?;
                 applied.members.insert(*mk, (id, *be));
                 ch.backends_added.push(member_name(cfg, mk));

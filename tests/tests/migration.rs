@@ -394,9 +394,10 @@ fn upgrade_from_the_first_release_converts_its_maps_under_live_traffic() -> Resu
     Ok(())
 }
 
-/// A migration killed at either side of the program swap (as `kill -9` would): the data
-/// plane runs on (the old program on the old maps, or the new one on the new maps), and
-/// the next start undoes or finishes it. Nothing is lost either way.
+/// A migration killed at either side of the program swap, or halfway through renaming the
+/// new pins (as `kill -9` would): the data plane runs on (the old program on the old maps,
+/// or the new one on the new maps), and the next start undoes or finishes it. Nothing is
+/// lost either way.
 #[test]
 fn a_migration_killed_before_or_after_the_swap_is_undone_or_finished_by_the_next_start(
 ) -> Result<()> {
@@ -418,6 +419,8 @@ fn a_migration_killed_before_or_after_the_swap_is_undone_or_finished_by_the_next
     for (fault, then) in [
         ("migrate-before-swap", "removed the new maps"),
         ("migrate-after-swap", "finished a migration"),
+        // Halfway through renaming the new pins over the old (LAYOUT and VIPS done).
+        ("migrate-mid-commit", "finished a migration"),
     ] {
         t.wait_more(200);
         a.kill9()?;

@@ -97,6 +97,29 @@ fn a_config_of_addresses_only_works_and_next_hops_follow_the_kernel() -> Result<
         next_hop(&tb, "web", &a2) == fmt_mac(be2.mac)
     });
 
+    // A route out of another interface: the LB cannot send there (XDP transmits on its
+    // own interface), so be2 leaves the rings (new connections go to be1 only) until the
+    // route is gone again.
+    lb.ip(&[
+        "link", "add", "side0", "type", "veth", "peer", "name", "side1",
+    ])?;
+    lb.ip(&["link", "set", "side0", "up"])?;
+    lb.ip(&["route", "add", &format!("{a2}/32"), "dev", "side0"])?;
+    wait_for("be2 unroutable", Duration::from_secs(5), || {
+        row(&tb, "web", &a2).unwrap()["unresolved"]
+            .as_str()
+            .is_some_and(|w| w.contains("not agent.interface"))
+    });
+    assert_eq!(
+        answered(&tb, "198.18.10.1", 30)?,
+        BTreeSet::from([be1.name.clone()])
+    );
+    lb.ip(&["route", "del", &format!("{a2}/32")])?;
+    wait_for("be2 back", Duration::from_secs(5), || {
+        row(&tb, "web", &a2).unwrap()["unresolved"].is_null()
+    });
+    assert_eq!(answered(&tb, "198.18.10.1", 30)?, everyone);
+
     // A neighbour change: be1 gets a new MAC, and the LB's neighbour table learns it.
     let new_mac = "02:aa:00:00:00:01";
     be1.ns

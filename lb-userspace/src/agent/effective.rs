@@ -9,9 +9,10 @@
 //!   outer destination only; configure a prefix routed to the LB to spread them, or use
 //!   `gue`, whose UDP source port carries the entropy).
 //!
-//! A backend whose next hop cannot be found (no route out of the agent's interface, or no
-//! neighbour answer yet) is kept out of the rings, like a drained one, until it resolves:
-//! frames for it would have nowhere to go.
+//! A backend whose next hop cannot be found (no route out of the agent's interface, no
+//! neighbour answer yet, or its neighbour entry failed) is kept out of the rings, like a
+//! drained one, until it resolves: new flows would have nowhere to go. Its established
+//! flows keep the last MAC it had, if any (they are lost anyway if that is really gone).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -27,6 +28,16 @@ use crate::{
     nexthop::{if_index, Netlink, NextHops},
     reconcile::Applied,
 };
+
+/// The MACs the maps hold now, by backend address.
+pub fn macs_in(applied: &Applied) -> BTreeMap<IpAddr, [u8; 6]> {
+    applied
+        .members
+        .iter()
+        .filter(|(_, (_, be))| be.mac != [0; 6])
+        .map(|((_, addr), (_, be))| (*addr, be.mac))
+        .collect()
+}
 
 /// What the agent learns from the kernel to complete the operator's config.
 pub struct KernelView {
@@ -46,9 +57,14 @@ impl KernelView {
     }
 
     /// The config to run for the operator's `cfg`. Resolves next hops (waiting up to
-    /// `wait` for neighbours not resolved yet). `applied` supplies MACs an earlier agent
-    /// found, for backends not resolved (yet) this time.
-    pub fn effective(&mut self, cfg: &Config, applied: &Applied, wait: Duration) -> Result<Config> {
+    /// `wait` for neighbours not resolved yet). `last` holds the MACs backends had so far
+    /// (in the maps): an unresolved backend keeps its last one for its established flows.
+    pub fn effective(
+        &mut self,
+        cfg: &Config,
+        last: &BTreeMap<IpAddr, [u8; 6]>,
+        wait: Duration,
+    ) -> Result<Config> {
         let mut eff = cfg.clone();
         let ifindex = if_index(&cfg.agent.interface)?;
         let addrs = self.nl.addresses(ifindex)?;
@@ -78,25 +94,16 @@ impl KernelView {
             .map(|b| b.address)
             .collect();
         self.nexthops.resolve(&mut self.nl, ifindex, &need, wait)?;
-        let mut adopted: BTreeMap<IpAddr, [u8; 6]> = BTreeMap::new();
-        for ((_, addr), (_, be)) in &applied.members {
-            if be.mac != [0; 6] {
-                adopted.insert(*addr, be.mac);
-            }
-        }
         let mut unresolved = BTreeMap::new();
         for v in &mut eff.vips {
             for b in &mut v.backends {
                 if b.mac.is_some() {
                     continue;
                 }
-                match self
-                    .nexthops
-                    .mac(&b.address)
-                    .or(adopted.get(&b.address).copied())
-                {
+                match self.nexthops.mac(&b.address) {
                     Some(m) => b.mac = Some(MacAddr(m)),
                     None => {
+                        b.mac = last.get(&b.address).copied().map(MacAddr);
                         let why = match self.nexthops.unroutable.get(&b.address) {
                             Some(w) => w.clone(),
                             None => format!(

@@ -86,6 +86,12 @@ impl Agent {
         let t = Instant::now();
         let mut view = effective::KernelView::new()?;
         let started = (|| {
+            if fresh && std::fs::read_dir(&dir)?.next().is_some() {
+                // Maps without a link run no program: what a start that died halfway left.
+                info!(dir = %dir.display(), "removing pins that no attached program uses");
+                remove_pins(&dir);
+                std::fs::create_dir_all(&dir)?;
+            }
             migrate::recover(&dir, pins::link_program_maps(&dir)?)?;
             let mtu = interface_mtu(&cfg.agent.interface)?;
             let sizes = sizes(&cfg);
@@ -96,7 +102,7 @@ impl Agent {
                     let mut dp = Dataplane::load_at(sizes, &dir)?;
                     let how = pins::attach(&mut dp, &dir, iface, mode)?;
                     let mut applied = reconcile::adopt(&mut dp)?;
-                    let eff = view.effective(&cfg, &applied, RESOLVE_WAIT)?;
+                    let eff = view.effective(&cfg, &effective::macs_in(&applied), RESOLVE_WAIT)?;
                     let changes = reconcile::reconcile(&mut dp, &eff, &mut applied, mtu)?;
                     log_attached(&how);
                     log_changes(&changes, "start");
@@ -113,7 +119,8 @@ impl Agent {
                         "the pinned maps differ from this build and config: migrating"
                     );
                     let mut how = None;
-                    let eff = view.effective(&cfg, &Applied::default(), RESOLVE_WAIT)?;
+                    let last = migrate::old_macs(&dir, &pinned);
+                    let eff = view.effective(&cfg, &last, RESOLVE_WAIT)?;
                     let (dp, applied, report) =
                         migrate::migrate(&dir, &pinned, &eff, sizes, mtu, |dp| {
                             how = Some(pins::attach(dp, &dir, iface, mode)?);
@@ -178,7 +185,9 @@ impl Agent {
         } else {
             self.mtu
         };
-        let eff = self.view.effective(&new, &self.applied, RESOLVE_WAIT)?;
+        let eff = self
+            .view
+            .effective(&new, &effective::macs_in(&self.applied), RESOLVE_WAIT)?;
         if sizes(&new).normalized() != self.dp.sizes {
             return self.migrate_to(new, eff, mtu, persist, why);
         }
@@ -229,6 +238,8 @@ impl Agent {
     ) -> Result<Changes> {
         let dir = pin_dir(&self.instance);
         let sizes = sizes(&new);
+        // A migration of this agent's that could not rename its pins is finished first.
+        migrate::recover(&dir, pins::link_program_maps(&dir)?)?;
         let Pins::Differ { pinned, changes } = pinned::inspect(&dir, &sizes)? else {
             bail!("the pinned maps already have the new sizes");
         };
@@ -239,24 +250,27 @@ impl Agent {
             Ok(())
         })?;
         log_migrated(&report);
+        // The new maps run now, whatever follows.
         self.dp = dp;
         self.applied = applied;
         self.mtu = mtu;
+        self.cfg = new.clone();
+        self.eff = eff;
         if persist {
             new.save(&self.config_path)?;
         }
-        self.cfg = new;
-        self.eff = eff;
-        Ok(Changes::default())
+        Ok(Changes {
+            migrated: true,
+            rings_rebuilt: self.applied.vips.len(),
+            ..Default::default()
+        })
     }
 
     /// Routes, neighbours or addresses changed: complete the config again and apply what
     /// differs (a next-hop MAC, a backend resolved or lost, a new interface address).
     pub fn kernel_changed(&mut self) {
-        let eff = match self
-            .view
-            .effective(&self.cfg, &self.applied, Duration::ZERO)
-        {
+        let last = effective::macs_in(&self.applied);
+        let eff = match self.view.effective(&self.cfg, &last, Duration::ZERO) {
             Ok(e) => e,
             Err(e) => {
                 error!(error = %format!("{e:#}"), "after a route/neighbour change");
@@ -303,6 +317,7 @@ fn log_changes(c: &Changes, why: &str) {
         vips_added = ?c.vips_added,
         vips_updated = ?c.vips_updated,
         vips_removed = c.vips_removed,
+        migrated = c.migrated,
         backends_added = ?c.backends_added,
         backends_removed = ?c.backends_removed,
         rings_rebuilt = c.rings_rebuilt,
@@ -325,6 +340,9 @@ fn log_migrated(r: &migrate::Report) {
         conns_dropped = r.conns_dropped,
         "migrated to the new maps"
     );
+    for p in &r.problems {
+        error!(problem = %p, "after the program swap (the new maps run; the next start finishes)");
+    }
     if r.conns_dropped > 0 {
         tracing::warn!(
             dropped = r.conns_dropped,

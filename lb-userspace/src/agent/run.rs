@@ -9,7 +9,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot},
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use super::Agent;
 use crate::api::{self, Request, Response};
@@ -18,11 +18,16 @@ type Job = (Request, oneshot::Sender<Response>);
 
 /// Run the agent in the foreground until SIGTERM/SIGINT or a `Shutdown` request.
 pub fn run(config: &Path, instance: &str) -> Result<()> {
-    let mut agent = Agent::start(config, instance)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // Signal handlers before the start (a migration, neighbour waits): a reload or a
+        // stop that comes meanwhile waits for it instead of killing the agent halfway.
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut agent = Agent::start(config, instance)?;
         let sock = api::socket_path(instance);
         std::fs::create_dir_all(sock.parent().unwrap())?;
         let _ = std::fs::remove_file(&sock);
@@ -59,18 +64,24 @@ pub fn run(config: &Path, instance: &str) -> Result<()> {
                 });
             }
         });
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         // Route, neighbour and address changes, heard on a thread of its own (the netlink
         // read blocks); several in a row make one re-resolution.
         let (kernel_tx, mut kernel_rx) = mpsc::channel::<()>(1);
         let monitor = crate::nexthop::Monitor::new()?;
-        std::thread::spawn(move || {
-            while monitor.wait().is_ok() {
-                if kernel_tx.try_send(()).is_err() && kernel_tx.is_closed() {
-                    break;
+        std::thread::spawn(move || loop {
+            if let Err(e) = monitor.wait() {
+                // ENOBUFS: the kernel dropped events (a burst of route changes); resync all.
+                // Anything else: say so, and keep listening.
+                let lost = e
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.raw_os_error() == Some(libc::ENOBUFS));
+                if !lost {
+                    warn!(error = %format!("{e:#}"), "netlink monitor");
+                    std::thread::sleep(std::time::Duration::from_secs(1));
                 }
+            }
+            if kernel_tx.try_send(()).is_err() && kernel_tx.is_closed() {
+                break;
             }
         });
         let mut probe = tokio::time::interval(crate::nexthop::TICK);

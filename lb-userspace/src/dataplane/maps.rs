@@ -27,10 +27,14 @@ impl Default for Sizes {
 }
 
 impl Sizes {
-    /// With `ring_stride` rounded up to even.
+    /// As the kernel will make them: `ring_stride` rounded up to even, and `max_conns` up
+    /// to a multiple of the possible CPUs (`htab_map_alloc` does that for a per-CPU LRU,
+    /// `BPF_F_NO_COMMON_LRU`: each CPU's list gets an equal share).
     pub fn normalized(self) -> Sizes {
+        let cpus = aya::util::nr_cpus().map(|n| n as u32).unwrap_or(1).max(1);
         Sizes {
             ring_stride: (self.ring_stride + 1) & !1,
+            max_conns: self.max_conns.div_ceil(cpus).saturating_mul(cpus),
             ..self
         }
     }

@@ -252,7 +252,7 @@ impl Dataplane {
             .map(|c| [c[0], *c.get(1).unwrap_or(&0)])
             .collect();
         let keys: Vec<u32> = (base / 2..base / 2 + pairs.len() as u32).collect();
-        sys::update_batch(&self.rings_fd, &keys, &pairs, 0).context("writing RINGS")?;
+        sys::update_batch(&self.rings_fd, &keys, &pairs).context("writing RINGS")?;
         Ok(base)
     }
 
@@ -304,29 +304,29 @@ impl Dataplane {
     }
 
     /// Insert connection entries, the most recently used last (if they do not all fit, the
-    /// LRU keeps those). With `only_missing`, an entry already in the table is left alone.
+    /// LRU keeps those).
     ///
     /// `CONNS` keeps one LRU list per CPU (`BPF_F_NO_COMMON_LRU`) and an insert takes its
-    /// element from the inserting CPU's share (`max_conns / ncpus`): so the entries are
-    /// inserted from every CPU in turn, a share each, or most would evict each other.
-    pub fn insert_conns(
-        &mut self,
-        mut entries: Vec<(FlowKey, ConnVal)>,
-        only_missing: bool,
-    ) -> Result<usize> {
+    /// element from the inserting CPU's share (`max_conns / possible CPUs`): so the entries
+    /// are inserted from each CPU this process may run on, a share each, or most would
+    /// evict each other. (Where it may not pin itself, it inserts from wherever it runs.)
+    pub fn insert_conns(&mut self, mut entries: Vec<(FlowKey, ConnVal)>) -> Result<()> {
         entries.sort_by_key(|(_, v)| v.atime);
-        let cpus = aya::util::online_cpus().map_err(|(_, e)| e)?;
+        let cpus = sys::allowed_cpus().unwrap_or_default();
         let chunk = entries.len().div_ceil(cpus.len().max(1)).max(1);
-        let mut inserted = 0;
-        let flags = if only_missing { sys::BPF_NOEXIST } else { 0 };
-        for (part, cpu) in entries.chunks(chunk).zip(cpus.iter().cycle()) {
+        for (i, part) in entries.chunks(chunk).enumerate() {
             let (keys, values): (Vec<FlowKey>, Vec<ConnVal>) = part.iter().copied().unzip();
-            inserted += sys::on_cpu(*cpu, || {
-                sys::update_batch(&self.conns_fd, &keys, &values, flags)
-            })
-            .context("writing CONNS")??;
+            let write = || sys::update_batch(&self.conns_fd, &keys, &values);
+            match cpus.get(i) {
+                Some(&cpu) => match sys::on_cpu(cpu, write) {
+                    Ok(r) => r,
+                    Err(_) => write(),
+                },
+                None => write(),
+            }
+            .context("writing CONNS")?;
         }
-        Ok(inserted)
+        Ok(())
     }
 
     /// Which of a VIP's two ring buffers a `ring_base` names.
@@ -401,6 +401,22 @@ impl Dataplane {
         (0..NUM_DECAP_REASONS)
             .map(|i| Ok(self.decap_stats.get(&i, 0)?.iter().sum()))
             .collect()
+    }
+
+    /// Zero a VIP id's per-CPU counters (before the id is given to a new VIP).
+    pub fn zero_vip_counters(&mut self, id: u32) -> Result<()> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        self.vip_stats
+            .set(id, PerCpuValues::try_from(vec![Counters::default(); n])?, 0)
+            .context("zeroing VIP_STATS")
+    }
+
+    /// Zero a backend id's per-CPU counters (before the id is given to a new backend).
+    pub fn zero_backend_counters(&mut self, id: u32) -> Result<()> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        self.be_stats
+            .set(id, PerCpuValues::try_from(vec![Counters::default(); n])?, 0)
+            .context("zeroing BE_STATS")
     }
 
     pub fn vip_counters(&self, id: u32) -> Result<Counters> {

@@ -237,6 +237,22 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_table_size_the_kernel_rounds_is_adopted_not_migrated() {
+        // Per-CPU LRU tables are rounded up to a multiple of the possible CPUs: 1023 is
+        // one on no machine with more than one CPU.
+        let d = dir("round");
+        let odd = Sizes {
+            max_conns: 1023,
+            ..SIZES
+        };
+        let dp = crate::dataplane::Dataplane::load_at(odd, &d.0).unwrap();
+        let cpus = aya::util::nr_cpus().unwrap() as u32;
+        assert_eq!(dp.sizes.max_conns, 1023u32.div_ceil(cpus) * cpus);
+        drop(dp);
+        assert!(matches!(inspect(&d.0, &odd).unwrap(), Pins::Same));
+    }
+
+    #[test]
     fn a_layout_from_a_newer_build_or_a_changed_shape_is_refused() {
         let d = dir("newer");
         let mut dp = crate::dataplane::Dataplane::load_at(SIZES, &d.0).unwrap();

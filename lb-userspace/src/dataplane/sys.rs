@@ -73,6 +73,16 @@ pub fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<i64> {
     Ok(r)
 }
 
+/// How many elements a batch call got through. The kernel writes `count` back when it
+/// stops partway (and on success), but not when it refuses the call outright (bad flags,
+/// bad map): then `count` is still what was asked, and the answer is none.
+fn progress(r: &std::io::Result<i64>, asked: u32, count: u32) -> usize {
+    match r {
+        Err(_) if count == asked => 0,
+        _ => count as usize,
+    }
+}
+
 /// `BPF_MAP_LOOKUP_BATCH` of array elements `base..base+len`.
 pub fn lookup_batch<V: Copy + Default>(map: &OwnedFd, base: u32, len: u32) -> Result<Vec<V>> {
     let mut values = vec![V::default(); len as usize];
@@ -82,6 +92,7 @@ pub fn lookup_batch<V: Copy + Default>(map: &OwnedFd, base: u32, len: u32) -> Re
     let mut cursor = base.wrapping_sub(1);
     while done < len as usize {
         let mut out = 0u32;
+        let asked = (len as usize - done) as u32;
         let mut attr = BatchAttr {
             in_batch: if done == 0 && base == 0 {
                 0
@@ -91,60 +102,59 @@ pub fn lookup_batch<V: Copy + Default>(map: &OwnedFd, base: u32, len: u32) -> Re
             out_batch: &mut out as *mut u32 as u64,
             keys: keys[done..].as_mut_ptr() as u64,
             values: values[done..].as_mut_ptr() as u64,
-            count: (len as usize - done) as u32,
+            count: asked,
             map_fd: map.as_raw_fd() as u32,
             ..Default::default()
         };
         let r = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        if attr.count == 0 {
+        let got = progress(&r, asked, attr.count);
+        if got == 0 {
             r?;
             bail!("the map ended before element {}", base as usize + done);
         }
-        done += attr.count as usize;
+        done += got;
         cursor = out;
     }
     Ok(values)
 }
 
-/// `BPF_MAP_UPDATE_BATCH` of `keys` and `values` (kernel 5.6+, arrays and hashes), with
-/// `elem_flags` (`BPF_NOEXIST`: keys already present are skipped). Returns how many were
-/// written.
-pub fn update_batch<K, V>(
-    map: &OwnedFd,
-    keys: &[K],
-    values: &[V],
-    elem_flags: u64,
-) -> Result<usize> {
+/// `BPF_MAP_UPDATE_BATCH` of `keys` and `values` (kernel 5.6+, arrays and hashes; the
+/// kernel takes no per-element flags here but `BPF_F_LOCK`).
+pub fn update_batch<K, V>(map: &OwnedFd, keys: &[K], values: &[V]) -> Result<()> {
     assert_eq!(keys.len(), values.len());
-    let (mut done, mut written) = (0, 0);
+    let mut done = 0;
     while done < keys.len() {
+        let asked = (keys.len() - done) as u32;
         let mut attr = BatchAttr {
             keys: keys[done..].as_ptr() as u64,
             values: values[done..].as_ptr() as u64,
-            count: (keys.len() - done) as u32,
+            count: asked,
             map_fd: map.as_raw_fd() as u32,
-            elem_flags,
             ..Default::default()
         };
         let r = sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
-        // On success or partial progress the kernel reports how many it wrote.
-        done += attr.count as usize;
-        written += attr.count as usize;
-        match r {
-            Ok(_) => {}
-            Err(e) if elem_flags == BPF_NOEXIST && e.raw_os_error() == Some(libc::EEXIST) => {
-                done += 1
-            }
-            // Partial progress: go on with the rest (a lasting error repeats with count 0).
-            Err(_) if attr.count > 0 => {}
-            Err(e) => return Err(e.into()),
+        let got = progress(&r, asked, attr.count);
+        if got == 0 {
+            r?;
+            bail!("BPF_MAP_UPDATE_BATCH wrote nothing");
         }
+        // Stopped partway: go on with the rest (a lasting error comes back with no progress).
+        done += got;
     }
-    Ok(written)
+    Ok(())
 }
 
-/// `BPF_NOEXIST`: create only.
-pub const BPF_NOEXIST: u64 = 1;
+/// The CPUs this process may run on (its affinity mask: a cpuset may narrow it).
+pub fn allowed_cpus() -> Result<Vec<u32>> {
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+    }
+    Ok((0..libc::CPU_SETSIZE as u32)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c as usize, &set) })
+        .collect())
+}
 
 /// Run `f` on CPU `cpu` (the calling thread is pinned there for the call, then restored).
 pub fn on_cpu<T>(cpu: u32, f: impl FnOnce() -> T) -> Result<T> {
@@ -232,15 +242,17 @@ pub fn delete_keys<K>(map: &OwnedFd, keys: &[K]) -> Result<usize> {
     let mut deleted = 0;
     let mut done = 0;
     while done < keys.len() {
+        let asked = (keys.len() - done) as u32;
         let mut attr = BatchAttr {
             keys: keys[done..].as_ptr() as u64,
-            count: (keys.len() - done) as u32,
+            count: asked,
             map_fd: map.as_raw_fd() as u32,
             ..Default::default()
         };
         let r = sys_bpf(BPF_MAP_DELETE_BATCH, &mut attr);
-        deleted += attr.count as usize;
-        done += attr.count as usize;
+        let got = progress(&r, asked, attr.count);
+        deleted += got;
+        done += got;
         match r {
             Ok(_) => {}
             // The key at `done` vanished since it was read (LRU eviction, the program
