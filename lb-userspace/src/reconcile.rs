@@ -322,7 +322,10 @@ pub fn reconcile(
                     addr,
                     mac: b.mac.map_or([0; 6], |m| m.octets()),
                     family,
-                    state: if b.active() {
+                    // Down (its checks fail): its flows move. Drained, weight 0: kept.
+                    state: if b.down {
+                        BACKEND_DOWN
+                    } else if b.active() {
                         BACKEND_UP
                     } else {
                         BACKEND_DRAINING

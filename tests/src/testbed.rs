@@ -184,6 +184,8 @@ pub struct VipSpec {
     pub backends_v6: bool,
     /// Weight of each testbed backend in order; missing entries get the default weight.
     pub weights: Vec<u32>,
+    /// The VIP's `health` table (`None`: the defaults).
+    pub health: Option<lb_userspace::config::HealthSpec>,
 }
 
 impl VipSpec {
@@ -203,6 +205,7 @@ impl VipSpec {
             forwarding,
             backends_v6: address.is_ipv6(),
             weights: Vec::new(),
+            health: None,
         }
     }
 
@@ -700,10 +703,11 @@ max_conns = 65536
                 .map(|(i, b)| BackendConfig {
                     address: b.addr(spec.backends_v6),
                     weight: spec.weight(i),
-                    drain: false,
-                    mac: None,
+                    ..Default::default()
                 })
                 .collect(),
+            health: spec.health.clone(),
+            ..Default::default()
         }
     }
 

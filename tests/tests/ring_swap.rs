@@ -48,10 +48,10 @@ fn config(backends: &[(u8, u32)]) -> Config {
                 .map(|&(b, weight)| BackendConfig {
                     address: v4(20, b),
                     weight,
-                    drain: false,
-                    mac: None,
+                    ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         }],
     }
 }

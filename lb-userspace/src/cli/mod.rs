@@ -108,12 +108,15 @@ enum BackendCmd {
         /// Share of new flows relative to the VIP's other backends (0-10000; 0 takes none).
         #[arg(long, default_value_t = DEFAULT_WEIGHT)]
         weight: u32,
-        /// Next-hop MAC of the backend (default: agent.gateway_mac), aa:bb:cc:dd:ee:ff.
+        /// Next-hop MAC override, aa:bb:cc:dd:ee:ff (default: found from routes/neighbours).
         #[arg(long)]
         mac: Option<MacAddr>,
         /// Add it draining: it gets no new flows.
         #[arg(long)]
         drain: bool,
+        /// A backup: new flows only while every primary backend of the VIP is down.
+        #[arg(long)]
+        backup: bool,
     },
     /// Remove a backend from a VIP; its flows go to the VIP's other backends.
     Remove {
@@ -173,7 +176,7 @@ impl Cmd {
                         protocol,
                         forwarding,
                         affinity,
-                        backends: vec![],
+                        ..Default::default()
                     },
                 },
                 VipCmd::Remove { name } => Request::VipRemove { name },
@@ -186,6 +189,7 @@ impl Cmd {
                     weight,
                     mac,
                     drain,
+                    backup,
                 } => Request::BackendAdd {
                     vip,
                     backend: BackendConfig {
@@ -193,6 +197,8 @@ impl Cmd {
                         weight,
                         drain,
                         mac,
+                        backup,
+                        ..Default::default()
                     },
                 },
                 BackendCmd::Remove { vip, address } => Request::BackendRemove { vip, address },

@@ -16,6 +16,9 @@ use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use crate::maglev::{is_prime, next_prime};
 
 mod file;
+pub mod health;
+
+pub use health::{Check, CheckKind, HealthSpec, Via};
 
 pub const MAX_WEIGHT: u32 = 10_000;
 pub const DEFAULT_WEIGHT: u32 = 100;
@@ -199,6 +202,9 @@ fn default_weight() -> u32 {
 fn is_false(b: &bool) -> bool {
     !*b
 }
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -266,8 +272,38 @@ pub struct VipConfig {
     /// Hash only the client address: every flow of a client lands on one backend.
     #[serde(default, skip_serializing_if = "is_false")]
     pub affinity: bool,
+    /// Health checks of the backends (each may override fields). Default: a TCP connect
+    /// for a TCP VIP (every 2 s, rise 2, fall 3), none for a UDP VIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSpec>,
+    /// Envoy's panic threshold, in percent (off by default): when fewer of the primary
+    /// backends than this pass their checks, new flows go to all of them, as if all were
+    /// up, rather than overload the few.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub panic_threshold: Option<u8>,
+    /// HAProxy's `slowstart`: a backend that comes up (or is added) takes its weight in
+    /// steps over this many seconds instead of at once. 0 (the default): at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub slow_start_s: u32,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
+}
+
+impl Default for VipConfig {
+    fn default() -> Self {
+        VipConfig {
+            name: String::new(),
+            address: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            port: 0,
+            protocol: Protocol::Tcp,
+            forwarding: Forwarding::default(),
+            affinity: false,
+            health: None,
+            panic_threshold: None,
+            slow_start_s: 0,
+            backends: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -283,12 +319,37 @@ pub struct BackendConfig {
     /// Next-hop MAC of this backend (else `agent.gateway_mac`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<MacAddr>,
+    /// A backup: takes new flows only while every primary (non-backup) backend of the VIP
+    /// is down, and hands them back when one returns.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub backup: bool,
+    /// Overrides of the VIP's `health` fields for this backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSpec>,
+    /// Not configured: set by the agent in the config it runs when the backend's checks
+    /// say it is down (its flows move; it is in no ring).
+    #[serde(skip)]
+    pub down: bool,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            address: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            weight: DEFAULT_WEIGHT,
+            drain: false,
+            mac: None,
+            backup: false,
+            health: None,
+            down: false,
+        }
+    }
 }
 
 impl BackendConfig {
     /// Takes new flows.
     pub fn active(&self) -> bool {
-        !self.drain && self.weight > 0
+        !self.drain && self.weight > 0 && !self.down
     }
 }
 
@@ -541,6 +602,26 @@ impl VipConfig {
     /// This VIP and its backends on their own (not against the other VIPs).
     fn validate(&self, agent: &AgentConfig) -> Result<(), FieldError> {
         let at = self.field();
+        // The VIP's own health table, even with no backend to check yet.
+        health::check_of(
+            self,
+            &BackendConfig::default(),
+            &format!("{at}.backends[-]"),
+        )?;
+        if let Some(p) = self.panic_threshold {
+            if !(1..=100).contains(&p) {
+                return err(
+                    format!("{at}.panic_threshold"),
+                    format!("{p} is out of range 1..=100 (percent)"),
+                );
+            }
+        }
+        if self.slow_start_s > 3600 {
+            return err(
+                format!("{at}.slow_start_s"),
+                format!("{} is out of range 0..=3600", self.slow_start_s),
+            );
+        }
         if self.name.is_empty()
             || self.name.len() > 64
             || !self
@@ -590,6 +671,7 @@ impl BackendConfig {
         if let Some(why) = unusable_address(self.address) {
             return err(format!("{at}.address"), why);
         }
+        health::check_of(vip, self, at)?;
         if self.weight > MAX_WEIGHT {
             return err(
                 format!("{at}.weight"),
@@ -874,8 +956,7 @@ address = "198.18.20.22"
         BackendConfig {
             address: address.parse().unwrap(),
             weight,
-            drain: false,
-            mac: None,
+            ..Default::default()
         }
     }
 
@@ -960,6 +1041,7 @@ address = "198.18.20.22"
                 forwarding: Forwarding::Gue,
                 affinity: true,
                 backends: vec![backend("198.18.20.11", 5), backend("198.18.20.15", 6)],
+                ..Default::default()
             });
             c.vip_mut("dns").unwrap().port = 5353;
         });
@@ -1147,11 +1229,32 @@ backends = [
                     protocol: Protocol::Udp,
                     forwarding: Forwarding::L2dsr,
                     affinity: true,
+                    health: Some(HealthSpec {
+                        kind: Some(CheckKind::Udp),
+                        via: Some(Via::Direct),
+                        port: Some(5353),
+                        interval_ms: Some(500),
+                        fastinter_ms: Some(100),
+                        timeout_ms: Some(300),
+                        rise: Some(1),
+                        fall: Some(4),
+                        payload: Some("hello".into()),
+                        expect: Some("hello".into()),
+                        ..Default::default()
+                    }),
+                    panic_threshold: Some(30),
+                    slow_start_s: 20,
                     backends: vec![BackendConfig {
                         address: "198.18.20.5".parse().unwrap(),
                         weight: 0,
                         drain: true,
                         mac: Some("02:00:00:00:20:05".parse().unwrap()),
+                        backup: true,
+                        health: Some(HealthSpec {
+                            interval_ms: Some(1000),
+                            ..Default::default()
+                        }),
+                        down: false,
                     }],
                 },
                 VipConfig {
@@ -1161,6 +1264,15 @@ backends = [
                     protocol: Protocol::Tcp,
                     forwarding: Forwarding::Gue,
                     affinity: false,
+                    health: Some(HealthSpec {
+                        kind: Some(CheckKind::Http),
+                        path: Some("/healthz".into()),
+                        status: Some("200,204".into()),
+                        host: Some("web.example".into()),
+                        ..Default::default()
+                    }),
+                    panic_threshold: None,
+                    slow_start_s: 0,
                     backends: vec![backend("198.18.20.6", 10_000), backend("2001:db8:20::6", 1)],
                 },
             ],
@@ -1186,10 +1298,19 @@ backends = [
             v.protocol = Protocol::Tcp;
             v.forwarding = Forwarding::Ipip;
             v.affinity = false;
+            v.health = Some(HealthSpec {
+                kind: Some(CheckKind::Tcp),
+                rise: Some(3),
+                ..Default::default()
+            });
+            v.panic_threshold = Some(50);
+            v.slow_start_s = 0;
             let b = &mut v.backends[0];
             b.weight = 3;
             b.drain = false;
             b.mac = Some("02:00:00:00:20:06".parse().unwrap());
+            b.backup = false;
+            b.health = None;
             c.vips[1].backends[1].weight = 2;
             c
         };
