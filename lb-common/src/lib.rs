@@ -27,6 +27,13 @@ pub const RINGS_PER_VIP: u32 = 2;
 pub const ICMP4_QUOTE: u32 = 64;
 /// ICMPv6 payload quoted in our "packet too big" replies.
 pub const ICMP6_QUOTE: u32 = 128;
+/// Socket mark of the agent's health probes that go through the tunnel: `HC_MARK |
+/// backend id`. The `hc_encap` program on the LB's interface sends such a packet to that
+/// one backend exactly as the data plane sends client traffic.
+pub const HC_MARK: u32 = 0x4c42_0000;
+/// The bits of a mark that say "a health probe" (the rest is the backend id).
+pub const HC_MARK_MASK: u32 = 0xffff_0000;
+
 /// TTL / hop limit of packets the data plane builds.
 pub const OUTER_TTL: u8 = 64;
 
@@ -307,6 +314,25 @@ pub enum DecapReason {
 }
 pub const NUM_DECAP_REASONS: u32 = 3;
 
+/// Counters of the `hc_encap` program (per-CPU array `HC_STATS`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HcReason {
+    /// Not a health probe: passed untouched.
+    Pass = 0,
+    /// A probe, encapsulated to its backend as client traffic is (ipip, gue).
+    Sent = 1,
+    /// A probe of an `l2dsr` VIP, sent to its backend's MAC.
+    SentL2 = 2,
+    /// The mark names no live backend.
+    DropNoBackend = 3,
+    /// Not the IPv4/IPv6 TCP/UDP packet a probe is.
+    DropMalformed = 4,
+    /// A helper failed.
+    DropHelper = 5,
+}
+pub const NUM_HC_REASONS: u32 = 6;
+
 const C1: u32 = 0xcc9e_2d51;
 const C2: u32 = 0x1b87_3593;
 
@@ -501,7 +527,7 @@ pub mod layout {
     /// - 2: backend ids name a (VIP, backend) membership: `Backend::vip` added; `RINGS` and
     ///   `BE_STATS` are indexed by those ids; `ConnVal` gained `flags` and `atime` and its
     ///   `vip` became 16 bits.
-    pub const MAPS: [(&str, MapLayout); 13] = [
+    pub const MAPS: [(&str, MapLayout); 14] = [
         (
             "VIPS",
             MapLayout {
@@ -591,6 +617,13 @@ pub mod layout {
             MapLayout {
                 version: 1,
                 shape: pair(plain(16), plain(8)),
+            },
+        ),
+        (
+            "HC_STATS",
+            MapLayout {
+                version: 1,
+                shape: pair(INDEX, plain(8)),
             },
         ),
     ];

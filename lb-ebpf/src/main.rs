@@ -6,13 +6,18 @@
 mod csum;
 mod decap;
 mod forward;
+mod health;
 mod icmp;
 mod maps;
 mod parse;
 mod pkt;
 mod select;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 #[xdp]
 pub fn lb(ctx: XdpContext) -> u32 {
@@ -25,6 +30,15 @@ pub fn lb(ctx: XdpContext) -> u32 {
 pub fn decap(ctx: XdpContext) -> u32 {
     let (action, reason) = decap::decap(&ctx);
     maps::bump_reason(&maps::DECAP_STATS, reason as u32);
+    action
+}
+
+/// tc egress on the LB's interface: the agent's health probes go to their backend as
+/// client traffic does (see `health`).
+#[classifier]
+pub fn hc_encap(ctx: TcContext) -> i32 {
+    let (action, reason) = health::hc_encap(&ctx);
+    maps::bump_reason(&maps::HC_STATS, reason as u32);
     action
 }
 

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, Backend, Config, ConnVal, Counters, FlowKey, VipInfo, VipKey, VipMeta,
-    DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_CONNS, MAX_VIPS, NUM_DECAP_REASONS, NUM_REASONS,
-    RINGS_PER_VIP,
+    DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_CONNS, MAX_VIPS, NUM_DECAP_REASONS, NUM_HC_REASONS,
+    NUM_REASONS, RINGS_PER_VIP,
 };
 
 /// (address, port, protocol) → VIP.
@@ -64,6 +64,10 @@ pub static BE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_B
 /// Per-CPU counters of the `decap` program, by `lb_common::DecapReason`.
 #[map]
 pub static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_DECAP_REASONS, 0);
+
+/// Per-CPU counters of the `hc_encap` program, by `lb_common::HcReason`.
+#[map]
+pub static HC_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_HC_REASONS, 0);
 
 /// Map name → layout version and shape of its key and value (see `lb_common::layout`):
 /// written by the agent, never read by the programs; how a later build knows what it is

@@ -54,6 +54,12 @@ pub enum Request {
     },
     Status,
     Stats,
+    /// The recent state changes; with `follow`, then every new one as it happens (one
+    /// JSON [`Event`] per line) until the client goes.
+    Events {
+        #[serde(default)]
+        follow: bool,
+    },
     /// Exit the agent, leaving the data plane attached (as SIGTERM does).
     Shutdown,
 }
@@ -67,6 +73,7 @@ impl Request {
                 | Request::BackendList { .. }
                 | Request::Status
                 | Request::Stats
+                | Request::Events { .. }
                 | Request::Shutdown
         )
     }
@@ -84,6 +91,8 @@ pub enum Reply {
     Backends(Vec<BackendRow>),
     Status(Status),
     Stats(Stats),
+    /// `Events`: the recent ones, oldest first.
+    Events(Vec<Event>),
     /// `Shutdown`
     Done {},
 }
@@ -96,6 +105,7 @@ impl Reply {
             Request::VipList => Reply::Vips(serde_json::from_value(data)?),
             Request::BackendList { .. } => Reply::Backends(serde_json::from_value(data)?),
             Request::Status => Reply::Status(serde_json::from_value(data)?),
+            Request::Events { .. } => Reply::Events(serde_json::from_value(data)?),
             Request::Stats => Reply::Stats(serde_json::from_value(data)?),
             _ => Reply::Done {},
         };
@@ -145,8 +155,50 @@ pub struct BackendRow {
     pub unresolved: Option<String>,
 }
 
+/// A state change the agent saw: a backend's health, its next hop, a VIP's mode.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Unix time, milliseconds.
+    pub time_ms: u64,
+    pub vip: String,
+    /// The backend it is about, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<IpAddr>,
+    /// What changed: `up`, `down`, `unresolved`, `resolved`, `panic`, `panic_over`,
+    /// `backups_serve`, `primaries_serve`, `drain_done`.
+    pub what: String,
+    /// Why, in the check's words (`connection refused`, `status 503`, ...).
+    pub reason: String,
+}
+
+/// A checked backend in [`Status::health`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HealthRow {
+    pub vip: String,
+    pub backend: IpAddr,
+    /// `up` or `down`.
+    pub state: String,
+    /// Unix time (ms) it has been in that state since.
+    pub since_ms: u64,
+    /// Why it is in that state ("started", "checks pass", "connection refused", ...).
+    pub reason: String,
+    /// The check: kind and way (`tcp via tunnel`).
+    pub check: String,
+    /// The last check: passed, milliseconds, why not.
+    #[serde(default)]
+    pub last_ok: Option<bool>,
+    #[serde(default)]
+    pub last_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_error: String,
+    pub checks: u64,
+    pub failed_checks: u64,
+    #[serde(flatten)]
+    pub availability: crate::health::record::Availability,
+}
+
 /// `lb status`: what the agent runs.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub instance: String,
     pub config: PathBuf,
@@ -162,6 +214,13 @@ pub struct Status {
     pub vips: usize,
     /// Backend ids in the maps: one per backend of each VIP.
     pub backends: usize,
+    /// Every checked backend: its state, why, and its availability since the agent
+    /// started.
+    #[serde(default)]
+    pub health: Vec<HealthRow>,
+    /// VIPs in panic mode, or served by their backups.
+    #[serde(default)]
+    pub modes: BTreeMap<String, crate::health::policy::VipMode>,
     pub pins: PathBuf,
 }
 
@@ -324,6 +383,34 @@ pub fn call(instance: &str, req: &Request) -> Result<Response> {
         bail!("the agent closed the connection without answering");
     }
     Ok(serde_json::from_str(&resp)?)
+}
+
+/// `Events { follow: true }`: `each` gets the reply (the recent events), then every new
+/// event as the agent sends it, until the agent or `each` ends it.
+pub fn follow(
+    instance: &str,
+    req: &Request,
+    mut each: impl FnMut(Option<&Reply>, Option<&Event>) -> Result<()>,
+) -> Result<()> {
+    let stream = UnixStream::connect(socket_path(instance))
+        .map_err(|_| anyhow::anyhow!("no agent is running for instance {instance:?}"))?;
+    let mut w = stream.try_clone()?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    w.write_all(line.as_bytes())?;
+    let mut r = BufReader::new(stream);
+    let mut first = String::new();
+    r.read_line(&mut first)?;
+    let resp: Response = serde_json::from_str(&first).context("the agent's answer")?;
+    if !resp.ok {
+        bail!("{}", resp.error.unwrap_or_else(|| "failed".into()));
+    }
+    each(Some(&Reply::read(req, resp.data)?), None)?;
+    for line in r.lines() {
+        let e: Event = serde_json::from_str(&line?).context("an event")?;
+        each(None, Some(&e))?;
+    }
+    Ok(())
 }
 
 /// Send one request to a running agent: its typed reply, or the agent's error.

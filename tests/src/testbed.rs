@@ -508,7 +508,22 @@ impl Testbed {
                         &lb.v6().to_string(),
                     ])?;
                 }
-                Role::Lb => {}
+                Role::Lb => {
+                    // A default route, as an LB host has (here the client stands in for
+                    // the router): health probes to a VIP are routed by the host, then
+                    // `hc_encap` sends them to their backend.
+                    let client = Role::Client;
+                    host.ns
+                        .ip(&["route", "add", "default", "via", &client.v4().to_string()])?;
+                    host.ns.ip(&[
+                        "-6",
+                        "route",
+                        "add",
+                        "default",
+                        "via",
+                        &client.v6().to_string(),
+                    ])?;
+                }
                 Role::Backend(_) => {
                     // The VIPs are local (routes of type local on lo: every address of
                     // the ranges), answered directly to the client, never announced.
@@ -822,6 +837,18 @@ max_conns = 65536
     /// [`udp_request`] from the client (2 s timeout).
     pub fn udp_request(&self, addr: SocketAddr, payload: &[u8]) -> Result<UdpReply> {
         self.in_client(|| udp_request(addr, payload, Duration::from_secs(2)))?
+    }
+
+    /// Health probes the LB encapsulated to backends (`HC_STATS[Sent]`): the backends'
+    /// decap counts them too.
+    pub fn hc_encapsulated(&self) -> Result<u64> {
+        let data =
+            MapData::from_pin(lb_userspace::agent::pin_dir(&self.instance()).join("HC_STATS"))?;
+        let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
+        Ok(map
+            .get(&(lb_common::HcReason::Sent as u32), 0)?
+            .iter()
+            .sum())
     }
 
     /// The `decap` programs' counters (all backends together), by `DecapReason`.

@@ -55,12 +55,14 @@ encap_source_v6 = "2001:db8:ff::/112"
     )
 }
 
+/// No backend answers in these tests: no health checks, or they would take it down.
 const WEB: &str = r#"
 [[vip]]
 name = "web"
 address = "198.18.10.1"
 port = 80
 protocol = "tcp"
+health = { kind = "none" }
 backends = [{ address = "198.18.20.1", weight = 100, mac = "02:00:00:00:20:01" }]
 "#;
 
@@ -528,6 +530,7 @@ name = "six"
 address = "2001:db8:10::1"
 port = 80
 protocol = "tcp"
+health = { kind = "none" }
 "#;
     let h = host(&(agent_table(8, 1009) + WEB + six))?;
     let a = Agent::start(&h.ns, &h.config)?;

@@ -86,6 +86,7 @@ fn path_carries_http_and_udp(label: &str) -> Result<()> {
     }
     let all = names(&tb);
     let decap_before = tb.decap_counts()?;
+    let hc_before = tb.hc_encapsulated()?;
 
     // HTTP, a new connection each time.
     let addr = web.socket_addr();
@@ -187,14 +188,17 @@ fn path_carries_http_and_udp(label: &str) -> Result<()> {
         || {
             let stats = tb.lb_json(&["stats"])?;
             forwarded = vip_stats(&stats, &web.name).0 + vip_stats(&stats, &echo.name).0;
-            let decapped = tb.decap_counts()?[DecapReason::Decapped as usize]
-                - decap_before[DecapReason::Decapped as usize];
+            // Health probes go through the tunnel too: the backends decap those as well.
+            let probes = (tb.hc_encapsulated()? - hc_before) as i64;
+            let decapped = (tb.decap_counts()?[DecapReason::Decapped as usize]
+                - decap_before[DecapReason::Decapped as usize]) as i64
+                - probes;
             let want = if path.forwarding == Forwarding::L2dsr {
                 0
             } else {
                 forwarded
             };
-            Ok(decapped == want && stats["reasons"]["tx_forward"] == forwarded)
+            Ok(decapped == want as i64 && stats["reasons"]["tx_forward"] == forwarded)
         },
     )
     .with_context(|| {

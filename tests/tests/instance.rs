@@ -28,6 +28,7 @@ name = "web"
 address = "198.18.10.1"
 port = 80
 protocol = "tcp"
+health = {{ kind = "none" }}
 backends = [{{ address = "198.18.20.1" }}]
 "#
     )

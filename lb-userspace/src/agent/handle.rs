@@ -13,8 +13,8 @@ use super::{
 };
 use crate::{
     api::{
-        BackendRow, BackendState, BackendStats, Changed, Conns, Counters, Reply, Request, Response,
-        Stats, Status, VipBackendStats, VipRow, VipStats,
+        BackendRow, BackendState, BackendStats, Changed, Conns, Counters, HealthRow, Reply,
+        Request, Response, Stats, Status, VipBackendStats, VipRow, VipStats,
     },
     reconcile::{self, Changes},
 };
@@ -152,11 +152,55 @@ impl Agent {
                 vips: self.cfg.vips.len(),
                 backends: self.applied.members.len(),
                 pins: pin_dir(&self.instance),
+                health: self.health_rows(),
+                modes: self
+                    .modes
+                    .iter()
+                    .filter(|(_, m)| m.panic || m.backups)
+                    .map(|(k, m)| (k.clone(), *m))
+                    .collect(),
             }),
+            Request::Events { .. } => Reply::Events(self.events.recent()),
             Request::Stats => Reply::Stats(self.stats()?),
             Request::Shutdown => Reply::Done {},
             _ => unreachable!("a change"),
         })
+    }
+
+    /// Every checked backend: state, why, last check, availability.
+    fn health_rows(&self) -> Vec<HealthRow> {
+        let now = std::time::Instant::now();
+        let ms = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        };
+        self.health
+            .iter()
+            .map(|((vip, addr), h)| {
+                let check = self
+                    .cfg
+                    .vip(vip)
+                    .and_then(|v| {
+                        let b = v.backends.iter().find(|b| b.address == *addr)?;
+                        crate::config::health::check_of(v, b, "").ok()
+                    })
+                    .map_or(String::new(), |c| format!("{} via {}", c.kind, c.via));
+                HealthRow {
+                    vip: vip.clone(),
+                    backend: *addr,
+                    state: if h.up { "up" } else { "down" }.into(),
+                    since_ms: ms(h.since_wall),
+                    reason: h.reason.clone(),
+                    check,
+                    last_ok: h.last.as_ref().map(|l| l.0),
+                    last_ms: h.last.as_ref().map(|l| l.1.as_secs_f64() * 1000.0),
+                    last_error: h.last.as_ref().map(|l| l.2.clone()).unwrap_or_default(),
+                    checks: h.checks,
+                    failed_checks: h.failed_checks,
+                    availability: h.availability(now),
+                }
+            })
+            .collect()
     }
 
     fn stats(&self) -> Result<Stats> {

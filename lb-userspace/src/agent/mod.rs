@@ -13,17 +13,27 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use tracing::{error, info};
 
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use tokio::sync::mpsc::UnboundedReceiver;
+
 use crate::{
-    config::Config,
+    config::{CheckKind, Config, Via},
     dataplane::{
         pinned::{self, Pins},
         Dataplane, Sizes,
+    },
+    health::{
+        policy::{self, VipMode},
+        record::BackendHealth,
+        Checker, Probe, Report, Target, TargetId,
     },
     migrate,
     reconcile::{self, Applied, Changes},
 };
 
 mod effective;
+pub mod events;
 mod handle;
 pub mod os;
 pub mod pins;
@@ -51,9 +61,20 @@ pub struct Agent {
     pub(crate) config_path: PathBuf,
     /// The operator's config (what the file says, what the CLI shows and writes back).
     pub(crate) cfg: Config,
-    /// What the data plane runs: `cfg` completed from the kernel (see `effective`).
+    /// What the data plane runs: `cfg` completed from the kernel (see `effective`) and
+    /// from health (see `health::policy`).
     pub(crate) eff: Config,
     pub(crate) view: effective::KernelView,
+    /// The checking thread, and its reports (taken by the event loop).
+    checker: Checker,
+    pub(crate) reports: Option<UnboundedReceiver<Report>>,
+    /// Every checked backend's record.
+    pub(crate) health: BTreeMap<TargetId, BackendHealth>,
+    /// Backends whose weight ramps up (slow start), since when.
+    ramp: BTreeMap<TargetId, Instant>,
+    /// What the policy did to each VIP.
+    pub(crate) modes: BTreeMap<String, VipMode>,
+    pub(crate) events: events::Events,
     pub(crate) dp: Dataplane,
     pub(crate) applied: Applied,
     pub(crate) mtu: u32,
@@ -102,7 +123,9 @@ impl Agent {
                     let mut dp = Dataplane::load_at(sizes, &dir)?;
                     let how = pins::attach(&mut dp, &dir, iface, mode)?;
                     let mut applied = reconcile::adopt(&mut dp)?;
-                    let eff = view.effective(&cfg, &effective::macs_in(&applied), RESOLVE_WAIT)?;
+                    let mut eff =
+                        view.effective(&cfg, &effective::macs_in(&applied), RESOLVE_WAIT)?;
+                    policy::apply(&mut eff, &BTreeMap::new(), Instant::now());
                     let changes = reconcile::reconcile(&mut dp, &eff, &mut applied, mtu)?;
                     log_attached(&how);
                     log_changes(&changes, "start");
@@ -120,7 +143,8 @@ impl Agent {
                     );
                     let mut how = None;
                     let last = migrate::old_macs(&dir, &pinned);
-                    let eff = view.effective(&cfg, &last, RESOLVE_WAIT)?;
+                    let mut eff = view.effective(&cfg, &last, RESOLVE_WAIT)?;
+                    policy::apply(&mut eff, &BTreeMap::new(), Instant::now());
                     let (dp, applied, report) =
                         migrate::migrate(&dir, &pinned, &eff, sizes, mtu, |dp| {
                             how = Some(pins::attach(dp, &dir, iface, mode)?);
@@ -153,18 +177,173 @@ impl Agent {
             ms = t.elapsed().as_millis() as u64,
             "data plane ready"
         );
-        Ok(Agent {
+        let (checker, reports) = Checker::spawn()?;
+        let mut agent = Agent {
             instance: instance.into(),
             config_path: config_path.into(),
             cfg,
             eff,
             view,
+            checker,
+            reports: Some(reports),
+            health: BTreeMap::new(),
+            ramp: BTreeMap::new(),
+            modes: BTreeMap::new(),
+            events: events::Events::default(),
             dp,
             applied,
             mtu,
             start,
             lock: Some(lock),
-        })
+        };
+        agent.sync_checks(false);
+        Ok(agent)
+    }
+
+    /// The config to run for the operator's `cfg`: completed from the kernel (next hops,
+    /// outer source), then from health (down backends, backups, panic, slow start).
+    fn compose(&mut self, cfg: &Config, wait: Duration) -> Result<Config> {
+        let last = effective::macs_in(&self.applied);
+        let mut eff = self.view.effective(cfg, &last, wait)?;
+        let seen = self
+            .health
+            .iter()
+            .map(|(id, h)| {
+                let s = policy::Seen {
+                    up: h.up,
+                    ramp_from: self.ramp.get(id).copied(),
+                };
+                (id.clone(), s)
+            })
+            .collect();
+        let modes = policy::apply(&mut eff, &seen, Instant::now());
+        for (vip, m) in &modes {
+            let was = self.modes.get(vip).copied().unwrap_or_default();
+            if m.panic != was.panic {
+                let (what, why) = if m.panic {
+                    ("panic", "fewer primaries pass their checks than panic_threshold: all of them take new flows")
+                } else {
+                    ("panic_over", "enough primaries pass their checks again")
+                };
+                self.events.push(vip, None, what, why);
+            }
+            if m.backups != was.backups {
+                let (what, why) = if m.backups {
+                    ("backups_serve", "no primary passes its checks")
+                } else {
+                    ("primaries_serve", "a primary passes its checks again")
+                };
+                self.events.push(vip, None, what, why);
+            }
+        }
+        self.modes = modes;
+        Ok(eff)
+    }
+
+    /// Tell the checker what to check, from the operator's config: every backend whose
+    /// check is not `none`. Records of backends no longer checked go; a backend added
+    /// while the agent runs starts its slow start (`ramp_new`).
+    fn sync_checks(&mut self, ramp_new: bool) {
+        let now = Instant::now();
+        let mut targets = BTreeMap::new();
+        for v in &self.cfg.vips {
+            let key = reconcile::vip_key(v);
+            for (i, b) in v.backends.iter().enumerate() {
+                let at = format!("{}.backends[{i}]", v.field());
+                let Ok(check) = crate::config::health::check_of(v, b, &at) else {
+                    continue; // validated before: cannot happen
+                };
+                if check.kind == CheckKind::None {
+                    continue;
+                }
+                let id: TargetId = (v.name.clone(), b.address);
+                let (dst, mark) = match check.via {
+                    Via::Direct => (SocketAddr::new(b.address, check.port), None),
+                    Via::Tunnel => {
+                        let Some(member) = self.applied.member_id(&key, &b.address) else {
+                            continue;
+                        };
+                        (
+                            SocketAddr::new(v.address, check.port),
+                            Some(lb_common::HC_MARK | member),
+                        )
+                    }
+                };
+                let h = self.health.entry(id.clone()).or_insert_with(|| {
+                    if ramp_new && v.slow_start_s > 0 {
+                        self.ramp.insert(id.clone(), now);
+                    }
+                    BackendHealth::new(true, now)
+                });
+                let probe = Probe { check, dst, mark };
+                targets.insert(id, Target { probe, up: h.up });
+            }
+        }
+        self.health.retain(|id, _| targets.contains_key(id));
+        self.ramp.retain(|id, _| targets.contains_key(id));
+        self.checker.set(targets);
+    }
+
+    /// One check result. A state change is logged with its reason, becomes an event, and
+    /// is applied (only the rings of that backend's VIP change).
+    pub fn on_report(&mut self, r: Report) {
+        let now = Instant::now();
+        let Some(h) = self.health.get_mut(&r.id) else {
+            return; // no longer checked
+        };
+        h.record(r.up, r.changed, &r.result, r.latency, now);
+        if !r.changed {
+            return;
+        }
+        let (vip, addr) = r.id.clone();
+        let reason = h.reason.clone();
+        let slow = self.cfg.vip(&vip).is_some_and(|v| v.slow_start_s > 0);
+        if r.up && slow {
+            self.ramp.insert(r.id.clone(), now);
+        }
+        self.events
+            .push(&vip, Some(addr), if r.up { "up" } else { "down" }, &reason);
+        self.rerun("health");
+    }
+
+    /// Compose the running config again and apply what differs (health, next hops, a slow
+    /// start's next step).
+    fn rerun(&mut self, why: &str) {
+        let cfg = self.cfg.clone();
+        let eff = match self.compose(&cfg, Duration::ZERO) {
+            Ok(e) => e,
+            Err(e) => {
+                error!(error = %format!("{e:#}"), why, "composing the running config");
+                return;
+            }
+        };
+        if eff == self.eff {
+            return;
+        }
+        match reconcile::reconcile(&mut self.dp, &eff, &mut self.applied, self.mtu) {
+            Ok(changes) => {
+                self.eff = eff;
+                log_changes(&changes, why);
+            }
+            Err(e) => error!(error = %format!("{e:#}"), why, "applying"),
+        }
+    }
+
+    /// Every second: slow starts take their next step, next hops are re-validated.
+    pub fn tick(&mut self) {
+        if let Err(e) = self.view.refresh() {
+            error!(error = %format!("{e:#}"), "re-validating next hops");
+        }
+        let now = Instant::now();
+        let cfg = &self.cfg;
+        self.ramp.retain(|(vip, _), from| {
+            let total = cfg.vip(vip).map_or(0, |v| v.slow_start_s);
+            now.saturating_duration_since(*from)
+                < Duration::from_secs(total.into()) + Duration::from_secs(1)
+        });
+        if self.modes.values().any(|m| m.ramping) {
+            self.rerun("slow start");
+        }
     }
 
     /// Let go of the instance (at exit): the lock file goes, the data plane stays.
@@ -185,9 +364,7 @@ impl Agent {
         } else {
             self.mtu
         };
-        let eff = self
-            .view
-            .effective(&new, &effective::macs_in(&self.applied), RESOLVE_WAIT)?;
+        let eff = self.compose(&new, RESOLVE_WAIT)?;
         if sizes(&new).normalized() != self.dp.sizes {
             return self.migrate_to(new, eff, mtu, persist, why);
         }
@@ -214,6 +391,7 @@ impl Agent {
                 self.eff = eff;
                 self.mtu = mtu;
                 log_changes(&changes, why);
+                self.sync_checks(true);
                 Ok(changes)
             }
             Err(e) => {
@@ -256,6 +434,7 @@ impl Agent {
         self.mtu = mtu;
         self.cfg = new.clone();
         self.eff = eff;
+        self.sync_checks(true);
         if persist {
             new.save(&self.config_path)?;
         }
@@ -266,34 +445,10 @@ impl Agent {
         })
     }
 
-    /// Routes, neighbours or addresses changed: complete the config again and apply what
-    /// differs (a next-hop MAC, a backend resolved or lost, a new interface address).
+    /// Routes, neighbours or addresses changed: compose again and apply what differs (a
+    /// next-hop MAC, a backend resolved or lost, a new interface address).
     pub fn kernel_changed(&mut self) {
-        let last = effective::macs_in(&self.applied);
-        let eff = match self.view.effective(&self.cfg, &last, Duration::ZERO) {
-            Ok(e) => e,
-            Err(e) => {
-                error!(error = %format!("{e:#}"), "after a route/neighbour change");
-                return;
-            }
-        };
-        if eff == self.eff {
-            return;
-        }
-        match reconcile::reconcile(&mut self.dp, &eff, &mut self.applied, self.mtu) {
-            Ok(changes) => {
-                self.eff = eff;
-                log_changes(&changes, "next hops");
-            }
-            Err(e) => error!(error = %format!("{e:#}"), "applying next-hop changes"),
-        }
-    }
-
-    /// Ask the kernel to re-validate every next hop (periodically).
-    pub fn refresh_next_hops(&mut self) {
-        if let Err(e) = self.view.refresh() {
-            error!(error = %format!("{e:#}"), "re-validating next hops");
-        }
+        self.rerun("next hops");
     }
 
     pub fn reload(&mut self) {

@@ -142,7 +142,8 @@ pub fn link_program_maps(dir: &Path) -> Result<Option<Vec<u32>>> {
         .info()?
         .program_id();
     for p in loaded_programs() {
-        let p = p?;
+        // Another process's program may go while we list them: skip it.
+        let Ok(p) = p else { continue };
         if p.id() == prog {
             return Ok(p.map_ids()?);
         }
@@ -209,7 +210,40 @@ pub fn attach(dp: &mut Dataplane, dir: &Path, iface: &str, mode: XdpMode) -> Res
     dp.program("lb")?
         .pin(&prog_pin)
         .context("pinning the program")?;
+    attach_hc(dp, dir, iface)?;
     Ok(attached)
+}
+
+/// Put `hc_encap` on the egress of `iface` (a TCX link, pinned as `hclink`): swap the new
+/// program into the pinned link, or move it if the interface changed, or attach it.
+fn attach_hc(dp: &mut Dataplane, dir: &Path, iface: &str) -> Result<()> {
+    use aya::programs::{tc::SchedClassifierLink, TcAttachType};
+    let pin = dir.join("hclink");
+    let want = if_index(iface)?;
+    let prog = dp.hc_program()?;
+    if pin.exists() {
+        let fd = sys::obj_get(&pin)?;
+        let have = sys::link_ifindex(std::os::fd::AsFd::as_fd(&fd), sys::LINK_TCX)?;
+        if have == want {
+            let link = SchedClassifierLink::try_from(FdLink::from(
+                PinnedLink::from_pin(&pin).context("opening the pinned hclink")?,
+            ))
+            .context("the pinned hclink is not a TCX link")?;
+            let id = prog
+                .attach_to_link(link)
+                .context("replacing hc_encap in the pinned hclink")?;
+            drop(prog.take_link(id)?); // the pin keeps it
+            return Ok(());
+        }
+        let old = PinnedLink::from_pin(&pin).context("opening the pinned hclink")?;
+        drop(old.unpin().context("unpinning the old hclink")?); // last reference: detaches
+    }
+    let id = prog
+        .attach(iface, TcAttachType::Egress)
+        .with_context(|| format!("attaching hc_encap to the egress of {iface}"))?;
+    let link = FdLink::try_from(prog.take_link(id)?).context("tc attached without a link")?;
+    drop(link.pin(&pin).context("pinning the hclink")?);
+    Ok(())
 }
 
 /// Detach the data plane and remove every pin of an instance.
@@ -223,10 +257,12 @@ pub fn stop(instance: &str) -> Result<()> {
     let lock = lock(instance, std::time::Duration::from_secs(10))?;
     let _ = std::fs::remove_file(api::socket_path(instance));
     let dir = pin_dir(instance);
-    let link = dir.join("link");
-    if link.exists() {
-        let pinned = PinnedLink::from_pin(&link).context("opening the pinned link")?;
-        drop(pinned.unpin().context("unpinning the link")?); // last reference: detaches
+    for name in ["link", "hclink"] {
+        let link = dir.join(name);
+        if link.exists() {
+            let pinned = PinnedLink::from_pin(&link).context("opening a pinned link")?;
+            drop(pinned.unpin().context("unpinning a link")?); // last reference: detaches
+        }
     }
     remove_pins(&dir);
     if dir.exists() {
@@ -242,7 +278,7 @@ pub fn stop(instance: &str) -> Result<()> {
 pub fn remove_pins(dir: &Path) {
     let next = migrate::staging(dir);
     for d in [next.as_path(), dir] {
-        for name in MAP_NAMES.iter().chain(&["lb", "link_next"]) {
+        for name in MAP_NAMES.iter().chain(&["lb", "link_next", "hclink"]) {
             let _ = std::fs::remove_file(d.join(name));
         }
         let _ = std::fs::remove_dir(d);

@@ -37,15 +37,23 @@ pub fn run(config: &Path, instance: &str) -> Result<()> {
         unsafe { libc::umask(old) };
         let listener = listener.with_context(|| format!("binding {}", sock.display()))?;
         let (tx, mut rx) = mpsc::channel::<Job>(16);
+        let live = agent.events.sender();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let tx = tx.clone();
+                let live = live.clone();
                 tokio::spawn(async move {
                     let (r, mut w) = stream.into_split();
                     let mut lines = BufReader::new(r).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
+                        let mut follow = None;
                         let resp = match serde_json::from_str::<Request>(&line) {
                             Ok(req) => {
+                                // Subscribe before asking for the recent ones: none is lost
+                                // between the two.
+                                if matches!(req, Request::Events { follow: true }) {
+                                    follow = Some(live.subscribe());
+                                }
                                 let (otx, orx) = oneshot::channel();
                                 if tx.send((req, otx)).await.is_err() {
                                     break;
@@ -59,6 +67,23 @@ pub fn run(config: &Path, instance: &str) -> Result<()> {
                         out.push('\n');
                         if w.write_all(out.as_bytes()).await.is_err() {
                             break;
+                        }
+                        if let Some(mut events) = follow {
+                            // Then every new event, a JSON line each, until the client goes.
+                            use tokio::sync::broadcast::error::RecvError;
+                            loop {
+                                match events.recv().await {
+                                    Ok(e) => {
+                                        let mut out = serde_json::to_string(&e).unwrap();
+                                        out.push('\n');
+                                        if w.write_all(out.as_bytes()).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                    Err(RecvError::Lagged(_)) => continue,
+                                    Err(RecvError::Closed) => return,
+                                }
+                            }
                         }
                     }
                 });
@@ -84,7 +109,8 @@ pub fn run(config: &Path, instance: &str) -> Result<()> {
                 break;
             }
         });
-        let mut probe = tokio::time::interval(crate::nexthop::TICK);
+        let mut tick = tokio::time::interval(crate::nexthop::TICK);
+        let mut reports = agent.reports.take().expect("the checker's reports");
         info!(socket = %sock.display(), "listening");
         loop {
             tokio::select! {
@@ -96,7 +122,8 @@ pub fn run(config: &Path, instance: &str) -> Result<()> {
                     while kernel_rx.try_recv().is_ok() {}
                     agent.kernel_changed();
                 }
-                _ = probe.tick() => agent.refresh_next_hops(),
+                _ = tick.tick() => agent.tick(),
+                Some(r) = reports.recv() => agent.on_report(r),
                 Some((req, reply)) = rx.recv() => {
                     let shutdown = matches!(req, Request::Shutdown);
                     let _ = reply.send(agent.handle(req));

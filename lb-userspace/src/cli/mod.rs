@@ -66,6 +66,12 @@ enum Cmd {
     Status,
     /// Counters: per VIP and its backends (with connections), drop/pass reasons.
     Stats,
+    /// State changes: backends up and down (with why), next hops, panic and backup modes.
+    Events {
+        /// Then every new one as it happens, until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -225,6 +231,7 @@ impl Cmd {
             },
             Cmd::Status => Request::Status,
             Cmd::Stats => Request::Stats,
+            Cmd::Events { follow } => Request::Events { follow },
         }
     }
 }
@@ -263,6 +270,22 @@ fn run(cli: Cli) -> Result<()> {
         return run_agent(config, netns, stop, &cli.instance);
     }
     let req = cli.cmd.request();
+    if let Request::Events { follow: true } = req {
+        let json = cli.json;
+        return api::follow(&cli.instance, &req, |reply, event| {
+            let out = match (reply, event) {
+                (Some(r), _) if json => tables::json(r),
+                (Some(r), _) => tables::human(r),
+                (None, Some(e)) if json => serde_json::to_string(e).unwrap_or_default() + "\n",
+                (None, Some(e)) => tables::event_line(e),
+                _ => String::new(),
+            };
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(out.as_bytes())?;
+            stdout.flush()?;
+            Ok(())
+        });
+    }
     let reply = api::request(&cli.instance, &req)?;
     let out = if cli.json {
         tables::json(&reply)

@@ -2,7 +2,7 @@
 use std::net::SocketAddr;
 
 use comfy_table::{presets, CellAlignment, ContentArrangement, Table};
-use lb_userspace::api::{BackendRow, Reply, Stats, Status, VipRow};
+use lb_userspace::api::{BackendRow, Event, Reply, Stats, Status, VipRow};
 
 /// The reply as JSON (what `--json` prints).
 pub fn json(reply: &Reply) -> String {
@@ -17,7 +17,39 @@ pub fn human(reply: &Reply) -> String {
         Reply::Backends(rows) => backends(rows),
         Reply::Status(s) => status(s),
         Reply::Stats(s) => stats(s),
+        Reply::Events(v) => v.iter().map(event_line).collect(),
     }
+}
+
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS.mmm` (UTC).
+pub fn utc(ms: u64) -> String {
+    let (secs, milli) = (ms / 1000, ms % 1000);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{milli:03}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// One event as one line.
+pub fn event_line(e: &Event) -> String {
+    let who = match e.backend {
+        Some(b) => format!("{}/{b}", e.vip),
+        None => e.vip.clone(),
+    };
+    format!("{}  {who}  {}  ({})\n", utc(e.time_ms), e.what, e.reason)
 }
 
 /// A table without borders: columns two spaces apart, those in `right` right-aligned.
@@ -123,7 +155,47 @@ fn status(s: &Status) -> String {
     for c in t.column_iter_mut() {
         c.set_padding((0, 2));
     }
-    text(&t)
+    let mut out = text(&t);
+    for (vip, m) in &s.modes {
+        if m.panic {
+            out += &format!(
+                "{vip}: PANIC: fewer primaries pass than panic_threshold; all take new flows\n"
+            );
+        }
+        if m.backups {
+            out += &format!("{vip}: no primary passes its checks; the backups serve\n");
+        }
+    }
+    if !s.health.is_empty() {
+        let mut h = table(
+            &[
+                "VIP", "BACKEND", "STATE", "SINCE", "REASON", "CHECK", "LAST", "A", "MTBF", "MTTR",
+            ],
+            &[6, 7, 8, 9],
+        );
+        let secs = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}s"));
+        for r in &s.health {
+            h.add_row(vec![
+                r.vip.clone(),
+                r.backend.to_string(),
+                r.state.clone(),
+                utc(r.since_ms),
+                r.reason.clone(),
+                r.check.clone(),
+                match (r.last_ok, r.last_ms) {
+                    (Some(true), Some(ms)) => format!("ok {ms:.1}ms"),
+                    (Some(false), _) => r.last_error.clone(),
+                    _ => "-".into(),
+                },
+                format!("{:.4}", r.availability.availability),
+                secs(r.availability.mtbf_s),
+                secs(r.availability.mttr_s),
+            ]);
+        }
+        out += "\n";
+        out += &text(&h);
+    }
+    out
 }
 
 /// Like `ipvsadm -Ln --stats`: a row per VIP and under it a row per backend of that VIP,
@@ -198,6 +270,13 @@ mod tests {
     };
 
     use super::*;
+
+    #[test]
+    fn unix_milliseconds_print_as_utc() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00.000");
+        assert_eq!(utc(1_764_547_200_123), "2025-12-01 00:00:00.123");
+        assert_eq!(utc(951_827_696_007), "2000-02-29 12:34:56.007");
+    }
 
     fn counters(packets: u64, bytes: u64, new_flows: u64) -> Counters {
         Counters {

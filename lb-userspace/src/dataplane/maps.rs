@@ -145,7 +145,7 @@ const fn const_eq(a: &str, b: &str) -> bool {
 
 /// Every map of the object. A map of the object missing here is refused at load (it would
 /// not be pinned, and a restarted agent would get a fresh, empty one).
-pub const MAPS: [MapSpec; 13] = [
+pub const MAPS: [MapSpec; 14] = [
     spec::<VipKey, VipMeta>("VIPS", HASH, 0, Capacity::Vips),
     spec::<AddrKey, u32>("VIP_ADDRS", HASH, 0, Capacity::Vips),
     spec::<u32, u64>("VIP_FILTER", ARRAY, 0, Capacity::Fixed(1)),
@@ -164,6 +164,7 @@ pub const MAPS: [MapSpec; 13] = [
         Capacity::Fixed(NUM_DECAP_REASONS),
     ),
     spec::<[u8; 16], MapLayout>("LAYOUT", HASH, 0, Capacity::Fixed(32)),
+    spec::<u32, u64>("HC_STATS", PERCPU_ARRAY, 0, Capacity::Fixed(NUM_HC_REASONS)),
 ];
 
 /// The names of [`MAPS`].

@@ -130,6 +130,11 @@ impl Dataplane {
             prog.load()
                 .with_context(|| format!("verifier rejected program {name}"))?;
         }
+        let hc: &mut aya::programs::SchedClassifier = ebpf
+            .program_mut("hc_encap")
+            .ok_or_else(|| anyhow!("program hc_encap missing from object"))?
+            .try_into()?;
+        hc.load().context("verifier rejected program hc_encap")?;
         // The table must describe the object exactly: a map missing from it would not be
         // pinned (a restarted agent would get a fresh, empty one), a wrong size would make
         // every later comparison with the pins wrong.
@@ -207,6 +212,15 @@ impl Dataplane {
             }
         }
         Ok(dp)
+    }
+
+    /// The health probes' tc egress program (see `lb-ebpf/src/health.rs`).
+    pub fn hc_program(&mut self) -> Result<&mut aya::programs::SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut("hc_encap")
+            .ok_or_else(|| anyhow!("no program hc_encap"))?
+            .try_into()?)
     }
 
     /// One of the loaded programs: `lb`, `decap`, `pass` or `floor`.

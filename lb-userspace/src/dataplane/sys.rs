@@ -264,9 +264,20 @@ pub fn delete_keys<K>(map: &OwnedFd, keys: &[K]) -> Result<usize> {
     Ok(deleted)
 }
 
+/// `BPF_LINK_TYPE_XDP`
+pub const LINK_XDP: u64 = 6;
+/// `BPF_LINK_TYPE_TCX`
+pub const LINK_TCX: u64 = 11;
+
 /// The interface index an XDP link is attached to (`bpf_link_info.xdp.ifindex`; aya 0.14's
 /// `LinkInfo` does not expose it).
 pub fn xdp_link_ifindex(link: std::os::fd::BorrowedFd<'_>) -> Result<u32> {
+    link_ifindex(link, LINK_XDP)
+}
+
+/// The interface index of an XDP or TCX link (`ifindex` is the first field of either's
+/// part of `bpf_link_info`); fails if the link is of another type than `kind`.
+pub fn link_ifindex(link: std::os::fd::BorrowedFd<'_>, kind: u64) -> Result<u32> {
     // struct bpf_link_info: type, id, prog_id, then a union at offset 16 whose `xdp` member
     // starts with `ifindex`.
     let mut info = [0u64; 16];
@@ -283,9 +294,8 @@ pub fn xdp_link_ifindex(link: std::os::fd::BorrowedFd<'_>) -> Result<u32> {
     };
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
-    const BPF_LINK_TYPE_XDP: u64 = 6;
-    if info[0] & 0xffff_ffff != BPF_LINK_TYPE_XDP {
-        bail!("not an XDP link");
+    if info[0] & 0xffff_ffff != kind {
+        bail!("not a link of type {kind}");
     }
     Ok((info[2] & 0xffff_ffff) as u32)
 }
