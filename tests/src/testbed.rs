@@ -186,6 +186,8 @@ pub struct VipSpec {
     pub weights: Vec<u32>,
     /// The VIP's `health` table (`None`: the defaults).
     pub health: Option<lb_userspace::config::HealthSpec>,
+    /// Testbed backends (by index) that are backups.
+    pub backups: Vec<usize>,
 }
 
 impl VipSpec {
@@ -206,6 +208,7 @@ impl VipSpec {
             backends_v6: address.is_ipv6(),
             weights: Vec::new(),
             health: None,
+            backups: Vec::new(),
         }
     }
 
@@ -392,6 +395,7 @@ pub struct Testbed {
     bridge: Option<Netns>,
     servers: Vec<Process>,
     xdp_pins: Option<PathBuf>,
+    server_bin: Option<PathBuf>,
     agent: Option<Agent>,
     dir: Option<StateDir>,
     torn_down: bool,
@@ -442,6 +446,7 @@ impl Testbed {
             bridge: None,
             servers: Vec::new(),
             xdp_pins: None,
+            server_bin: None,
             agent: None,
             dir: None,
             torn_down: false,
@@ -584,63 +589,96 @@ impl Testbed {
     }
 
     fn start_servers(&mut self, bin: &Path) -> Result<()> {
-        let dir = self.dir().to_path_buf();
-        let (tcp, udp) = (self.opts.tcp_ports.clone(), self.opts.udp_ports.clone());
+        self.server_bin = Some(bin.to_path_buf());
         for i in 0..self.opts.backends {
-            let be = &self.hosts[2 + i];
-            let mut args = vec![
-                "--name".to_string(),
-                be.name.clone(),
-                "--testbed".into(),
-                self.prefix.clone(),
-            ];
-            for p in &tcp {
-                args.extend(["--tcp".into(), p.to_string()]);
-            }
-            for p in &udp {
-                args.extend(["--udp".into(), p.to_string()]);
-            }
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let log = dir.join(format!("server-{}.log", be.name));
-            let proc = Process::spawn(&be.ns, bin, &args, &log, self.opts.detach)?;
-            self.servers.push(proc);
+            let p = self.spawn_server(i)?;
+            self.servers.push(p);
         }
-        // Ready when each answers on every port (from inside its namespace).
-        let deadline = Instant::now() + Duration::from_secs(10);
         for i in 0..self.opts.backends {
-            let name = self.hosts[2 + i].name.clone();
-            loop {
-                self.servers[i].check_running()?;
-                let be = &self.hosts[2 + i];
-                let ok = be.run_in(|| {
-                    let t = Duration::from_millis(200);
-                    tcp.iter().all(|&p| {
-                        TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, p).into(), t).is_ok()
-                    }) && udp.iter().all(|&p| {
-                        [
-                            IpAddr::from(Ipv4Addr::LOCALHOST),
-                            Ipv6Addr::LOCALHOST.into(),
-                        ]
-                        .iter()
-                        .all(|a| {
-                            udp_request(SocketAddr::new(*a, p), b"ready?", t)
-                                .is_ok_and(|r| r.backend == name)
-                        })
-                    })
-                })?;
-                if ok {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "server on {name} not answering after 10 s; log:\n{}",
-                        self.servers[i].log()
-                    );
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
+            self.wait_server(i)?;
         }
         Ok(())
+    }
+
+    fn spawn_server(&self, i: usize) -> Result<Process> {
+        let bin = self.server_bin.clone().context("no server binary")?;
+        let (tcp, udp) = (&self.opts.tcp_ports, &self.opts.udp_ports);
+        let be = &self.hosts[2 + i];
+        let mut args = vec![
+            "--name".to_string(),
+            be.name.clone(),
+            "--testbed".into(),
+            self.prefix.clone(),
+        ];
+        for p in tcp {
+            args.extend(["--tcp".into(), p.to_string()]);
+        }
+        for p in udp {
+            args.extend(["--udp".into(), p.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = self.dir().join(format!("server-{}.log", be.name));
+        Process::spawn(&be.ns, &bin, &args, &log, self.opts.detach)
+    }
+
+    /// Ready when server `i` answers on every port (from inside its namespace).
+    fn wait_server(&mut self, i: usize) -> Result<()> {
+        let (tcp, udp) = (self.opts.tcp_ports.clone(), self.opts.udp_ports.clone());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let name = self.hosts[2 + i].name.clone();
+        loop {
+            self.servers[i].check_running()?;
+            let be = &self.hosts[2 + i];
+            let ok = be.run_in(|| {
+                let t = Duration::from_millis(200);
+                tcp.iter().all(|&p| {
+                    TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, p).into(), t).is_ok()
+                }) && udp.iter().all(|&p| {
+                    [
+                        IpAddr::from(Ipv4Addr::LOCALHOST),
+                        Ipv6Addr::LOCALHOST.into(),
+                    ]
+                    .iter()
+                    .all(|a| {
+                        udp_request(SocketAddr::new(*a, p), b"ready?", t)
+                            .is_ok_and(|r| r.backend == name)
+                    })
+                })
+            })?;
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "server on {name} not answering after 10 s; log:\n{}",
+                    self.servers[i].log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Take `decap` off backend `i`'s interface: IP-in-IP and GUE to it are dropped from
+    /// now on (its kernel has no tunnel devices), plain traffic still arrives.
+    pub fn detach_decap(&self, i: usize) -> Result<()> {
+        let dir = self.xdp_pins.as_ref().context("testbed is down")?;
+        let pin = dir.join(format!("decap-{}", self.hosts[2 + i].name));
+        let link = aya::programs::links::PinnedLink::from_pin(&pin)
+            .with_context(|| format!("opening {}", pin.display()))?;
+        drop(link.unpin()?); // the last reference: detached
+        Ok(())
+    }
+
+    /// Kill backend `i`'s server (SIGKILL): its ports refuse connections from now on.
+    pub fn kill_server(&mut self, i: usize) {
+        self.servers[i].kill();
+    }
+
+    /// Start backend `i`'s server again; returns once it answers.
+    pub fn restart_server(&mut self, i: usize) -> Result<()> {
+        self.servers[i].kill();
+        self.servers[i] = self.spawn_server(i)?;
+        self.wait_server(i)
     }
 
     pub fn prefix(&self) -> &str {
@@ -718,6 +756,7 @@ max_conns = 65536
                 .map(|(i, b)| BackendConfig {
                     address: b.addr(spec.backends_v6),
                     weight: spec.weight(i),
+                    backup: spec.backups.contains(&i),
                     ..Default::default()
                 })
                 .collect(),

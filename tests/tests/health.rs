@@ -1,0 +1,280 @@
+//! Health checks and failover with real clients, in the namespace testbed: a backend whose
+//! server dies, or whose link goes dark, is out of the ring before clients notice for
+//! long, and back after `rise`; a check through the tunnel sees what a direct one cannot;
+//! backups and the panic threshold; slow start. Every state change is an event with its
+//! reason. Expected figures come from the configured intervals, never from the agent.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use lb_tests::{
+    netns::{spawn_in_netns, unique_name},
+    support::{wait_for, StopOnDrop},
+    testbed::{http_get, Testbed, TestbedOpts, VipSpec},
+};
+use lb_userspace::config::{Forwarding, HealthSpec, Via};
+use serde_json::Value;
+
+/// Checks every 100 ms, 100 ms timeout, down after 2 failures, up after 2 passes.
+fn fast(via: Via) -> HealthSpec {
+    HealthSpec {
+        via: Some(via),
+        interval_ms: Some(100),
+        timeout_ms: Some(100),
+        fall: Some(2),
+        rise: Some(2),
+        ..Default::default()
+    }
+}
+
+fn testbed(backends: usize, vips: &[VipSpec]) -> Result<Testbed> {
+    let mut tb = Testbed::up(
+        TestbedOpts::default()
+            .prefix(&unique_name("lbhc"))
+            .backends(backends)
+            .server_bin(env!("CARGO_BIN_EXE_lb-testbed-server")),
+    )?;
+    let cfg = tb.agent_config(vips)?;
+    tb.start_agent(&cfg)?;
+    Ok(tb)
+}
+
+fn web(name: &str, last: u8, health: HealthSpec) -> VipSpec {
+    let mut v = VipSpec::tcp(name, IpAddr::from([198, 18, 10, last]), Forwarding::Ipip);
+    v.health = Some(health);
+    v
+}
+
+/// New HTTP connections to `addr` from the client, one after another, until stopped:
+/// (when it started, which backend answered or why it failed).
+struct Clients {
+    log: Arc<Mutex<Vec<(Instant, Result<String, String>)>>>,
+    _stop: StopOnDrop,
+}
+
+impl Clients {
+    fn start(tb: &Testbed, addr: SocketAddr) -> Clients {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (log, stop) = (log.clone(), stop.clone());
+            drop(spawn_in_netns(tb.client().netns(), move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let r = http_get(addr, "/", Duration::from_millis(300))
+                        .map(|r| r.backend().to_string())
+                        .map_err(|e| format!("{e:#}"));
+                    log.lock().unwrap().push((t, r));
+                    thread::sleep(Duration::from_millis(5));
+                }
+            }));
+        }
+        Clients {
+            log,
+            _stop: StopOnDrop(stop),
+        }
+    }
+
+    /// Connections started in [from, to): backend -> count (failures under "failed").
+    fn between(&self, from: Instant, to: Instant) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for (t, r) in self.log.lock().unwrap().iter() {
+            if *t >= from && *t < to {
+                let k = r.clone().unwrap_or_else(|_| "failed".into());
+                *out.entry(k).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// The last failure and when it started.
+    fn last_failure(&self) -> Option<(Instant, String)> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find_map(|(t, r)| r.clone().err().map(|e| (*t, e)))
+    }
+}
+
+/// Backend `i`: its name (what its server answers) and IPv4 address.
+fn who(tb: &Testbed, i: usize) -> (String, IpAddr) {
+    let b = &tb.backends()[i];
+    (b.name.clone(), IpAddr::V4(b.v4))
+}
+
+fn events(tb: &Testbed) -> Vec<Value> {
+    tb.lb_json(&["events"]).unwrap().as_array().unwrap().clone()
+}
+
+/// The events about `backend` of `vip`: (what, reason).
+fn changes(tb: &Testbed, vip: &str, backend: IpAddr) -> Vec<(String, String)> {
+    events(tb)
+        .iter()
+        .filter(|e| e["vip"] == vip && e["backend"] == backend.to_string())
+        .map(|e| {
+            (
+                e["what"].as_str().unwrap().to_string(),
+                e["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_server_is_out_within_a_second_and_back_after_rise() -> Result<()> {
+    let mut tb = testbed(3, &[web("web", 1, fast(Via::Tunnel))])?;
+    let be1 = who(&tb, 0);
+    let clients = Clients::start(&tb, "198.18.10.1:80".parse()?);
+    thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    tb.kill_server(0);
+    thread::sleep(Duration::from_millis(2000));
+    // Connections that started 1 s after the kill all worked.
+    let late = clients.between(killed + Duration::from_secs(1), Instant::now());
+    assert!(!late.contains_key("failed"), "failures after 1 s: {late:?}");
+    assert!(!late.contains_key(&be1.0), "{late:?}");
+    if let Some((t, why)) = clients.last_failure() {
+        assert!(t < killed + Duration::from_secs(1), "last failure {why}");
+    }
+    assert_eq!(
+        changes(&tb, "web", be1.1),
+        [("down".to_string(), "connection refused".to_string())]
+    );
+    // Back: after `rise` passing checks it takes new connections again.
+    tb.restart_server(0)?;
+    let back = Instant::now();
+    wait_for("be1 back", Duration::from_secs(3), || {
+        clients.between(back, Instant::now()).contains_key(&be1.0)
+    });
+    let ch = changes(&tb, "web", be1.1);
+    assert_eq!(ch.last().map(|c| c.0.as_str()), Some("up"), "{ch:?}");
+    let st = tb.lb_json(&["status"])?;
+    let row = st["health"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["backend"] == be1.1.to_string())
+        .unwrap()
+        .clone();
+    assert_eq!(row["failures"], 1, "{row}");
+    let a = row["availability"].as_f64().unwrap();
+    assert!(a > 0.0 && a < 1.0, "{row}");
+    Ok(())
+}
+
+#[test]
+fn a_black_holed_backend_is_out_by_the_timeout_path() -> Result<()> {
+    let tb = testbed(3, &[web("web", 1, fast(Via::Tunnel))])?;
+    let be1 = who(&tb, 0);
+    let clients = Clients::start(&tb, "198.18.10.1:80".parse()?);
+    thread::sleep(Duration::from_millis(500));
+    // Its link into the bridge goes dark: nothing is refused, everything is lost.
+    let cut = Instant::now();
+    tb.bridge().ip(&["link", "set", &be1.0, "down"])?;
+    thread::sleep(Duration::from_millis(2000));
+    let late = clients.between(cut + Duration::from_secs(1), Instant::now());
+    assert!(!late.contains_key("failed"), "failures after 1 s: {late:?}");
+    let ch = changes(&tb, "web", be1.1);
+    assert_eq!(ch.len(), 1, "{ch:?}");
+    assert!(ch[0].1.starts_with("timeout"), "{ch:?}");
+    tb.bridge().ip(&["link", "set", &be1.0, "up"])?;
+    let back = Instant::now();
+    wait_for("be1 back", Duration::from_secs(5), || {
+        clients.between(back, Instant::now()).contains_key(&be1.0)
+    });
+    Ok(())
+}
+
+#[test]
+fn a_tunnel_check_sees_a_lost_vip_or_decap_that_a_direct_check_cannot() -> Result<()> {
+    let tb = testbed(
+        3,
+        &[
+            web("tun", 1, fast(Via::Tunnel)),
+            web("dir", 2, fast(Via::Direct)),
+        ],
+    )?;
+    let (be1, be2) = (who(&tb, 0), who(&tb, 1));
+    thread::sleep(Duration::from_millis(500));
+    // be1 no longer holds the VIPs.
+    tb.backends()[0].ns.ip(&[
+        "route",
+        "del",
+        "local",
+        "198.18.10.0/24",
+        "dev",
+        "lo",
+        "table",
+        "local",
+    ])?;
+    // be2 no longer decapsulates.
+    tb.detach_decap(1)?;
+    wait_for("tunnel checks fail", Duration::from_secs(3), || {
+        changes(&tb, "tun", be1.1).len() == 1 && changes(&tb, "tun", be2.1).len() == 1
+    });
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(changes(&tb, "dir", be1.1), [], "direct checks still pass");
+    assert_eq!(changes(&tb, "dir", be2.1), []);
+    // What clients of the tunnel-checked VIP see: only be3 answers, nothing fails.
+    let replies: Vec<String> = tb.in_client(|| {
+        (0..40)
+            .map(|_| {
+                http_get(
+                    "198.18.10.1:80".parse().unwrap(),
+                    "/",
+                    Duration::from_secs(2),
+                )
+                .map(|r| r.backend().to_string())
+                .unwrap_or_else(|e| format!("failed: {e:#}"))
+            })
+            .collect()
+    })?;
+    assert!(replies.iter().all(|r| r == "be3"), "{replies:?}");
+    Ok(())
+}
+
+#[test]
+fn backups_serve_only_while_no_primary_passes_and_hand_back() -> Result<()> {
+    let mut spec = web("web", 1, fast(Via::Tunnel));
+    spec.backups = vec![2]; // be3
+    let mut tb = testbed(3, &[spec])?;
+    let clients = Clients::start(&tb, "198.18.10.1:80".parse()?);
+    thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    thread::sleep(Duration::from_millis(500));
+    let normal = clients.between(t0, Instant::now());
+    assert!(
+        !normal.contains_key("be3"),
+        "the backup took flows: {normal:?}"
+    );
+    tb.kill_server(0);
+    tb.kill_server(1);
+    thread::sleep(Duration::from_millis(1500));
+    let t1 = Instant::now();
+    thread::sleep(Duration::from_millis(500));
+    let failover = clients.between(t1, Instant::now());
+    assert_eq!(failover.keys().collect::<Vec<_>>(), ["be3"], "{failover:?}");
+    tb.restart_server(0)?;
+    thread::sleep(Duration::from_millis(1000));
+    let t2 = Instant::now();
+    thread::sleep(Duration::from_millis(500));
+    let back = clients.between(t2, Instant::now());
+    assert_eq!(back.keys().collect::<Vec<_>>(), ["be1"], "{back:?}");
+    let what: Vec<String> = events(&tb)
+        .iter()
+        .filter(|e| e["backend"].is_null())
+        .map(|e| e["what"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(what, ["backups_serve", "primaries_serve"]);
+    Ok(())
+}
