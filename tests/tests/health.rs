@@ -53,10 +53,12 @@ fn web(name: &str, last: u8, health: HealthSpec) -> VipSpec {
     v
 }
 
-/// New HTTP connections to `addr` from the client, one after another, until stopped:
-/// (when it started, which backend answered or why it failed).
+/// When a connection started, and which backend answered or why it failed.
+type Attempts = Vec<(Instant, Result<String, String>)>;
+
+/// New HTTP connections to `addr` from the client, one after another, until stopped.
 struct Clients {
-    log: Arc<Mutex<Vec<(Instant, Result<String, String>)>>>,
+    log: Arc<Mutex<Attempts>>,
     _stop: StopOnDrop,
 }
 
