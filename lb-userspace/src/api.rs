@@ -51,6 +51,9 @@ pub enum Request {
         vip: String,
         address: IpAddr,
         drain: bool,
+        /// With `drain`: remove the backend this many seconds from now.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_s: Option<u32>,
     },
     Status,
     Stats,
@@ -153,6 +156,13 @@ pub struct BackendRow {
     /// Why it is kept out of the rings for want of a next hop, if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unresolved: Option<String>,
+    /// `up`, `down` (its checks fail), `draining`, `weight 0`, `backup` (waiting),
+    /// `unresolved`.
+    #[serde(default)]
+    pub state: String,
+    /// A drain with a timeout: seconds until the backend is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_left_s: Option<u64>,
 }
 
 /// A state change the agent saw: a backend's health, its next hop, a VIP's mode.

@@ -188,6 +188,8 @@ pub struct VipSpec {
     pub health: Option<lb_userspace::config::HealthSpec>,
     /// Testbed backends (by index) that are backups.
     pub backups: Vec<usize>,
+    pub panic_threshold: Option<u8>,
+    pub slow_start_s: u32,
 }
 
 impl VipSpec {
@@ -209,6 +211,8 @@ impl VipSpec {
             weights: Vec::new(),
             health: None,
             backups: Vec::new(),
+            panic_threshold: None,
+            slow_start_s: 0,
         }
     }
 
@@ -761,6 +765,8 @@ max_conns = 65536
                 })
                 .collect(),
             health: spec.health.clone(),
+            panic_threshold: spec.panic_threshold,
+            slow_start_s: spec.slow_start_s,
             ..Default::default()
         }
     }

@@ -280,3 +280,146 @@ fn backups_serve_only_while_no_primary_passes_and_hand_back() -> Result<()> {
     assert_eq!(what, ["backups_serve", "primaries_serve"]);
     Ok(())
 }
+
+#[test]
+fn below_the_panic_threshold_new_flows_go_to_every_primary() -> Result<()> {
+    let mut spec = web("web", 1, fast(Via::Tunnel));
+    spec.panic_threshold = Some(50);
+    let mut tb = testbed(4, &[spec])?;
+    let clients = Clients::start(&tb, "198.18.10.1:80".parse()?);
+    // Two of four down: 50 % pass, not below the threshold: only the two get flows.
+    tb.kill_server(0);
+    tb.kill_server(1);
+    thread::sleep(Duration::from_millis(1200));
+    let t = Instant::now();
+    thread::sleep(Duration::from_millis(400));
+    let two = clients.between(t, Instant::now());
+    assert_eq!(two.keys().collect::<Vec<_>>(), ["be3", "be4"], "{two:?}");
+    // Three of four down: panic, all four take new flows (and the dead ones refuse).
+    tb.kill_server(2);
+    wait_for("panic", Duration::from_secs(3), || {
+        events(&tb).iter().any(|e| e["what"] == "panic")
+    });
+    let t = Instant::now();
+    thread::sleep(Duration::from_millis(600));
+    let panic = clients.between(t, Instant::now());
+    assert!(
+        panic.contains_key("be4") && panic.contains_key("failed"),
+        "{panic:?}"
+    );
+    let st = tb.lb_json(&["status"])?;
+    assert_eq!(st["modes"]["web"]["panic"], true, "{st}");
+    // Two back: out of panic.
+    tb.restart_server(0)?;
+    tb.restart_server(1)?;
+    wait_for("panic over", Duration::from_secs(3), || {
+        events(&tb).iter().any(|e| e["what"] == "panic_over")
+    });
+    Ok(())
+}
+
+#[test]
+fn a_returning_backend_ramps_its_share_up_over_slow_start() -> Result<()> {
+    let mut spec = web("web", 1, fast(Via::Tunnel));
+    spec.slow_start_s = 4;
+    let mut tb = testbed(2, &[spec])?;
+    let be1 = who(&tb, 0);
+    let clients = Clients::start(&tb, "198.18.10.1:80".parse()?);
+    tb.kill_server(0);
+    wait_for("be1 down", Duration::from_secs(3), || {
+        changes(&tb, "web", be1.1).len() == 1
+    });
+    tb.restart_server(0)?;
+    wait_for("be1 up", Duration::from_secs(3), || {
+        changes(&tb, "web", be1.1).len() == 2
+    });
+    let up = Instant::now();
+    let share = |from_ms: u64, to_ms: u64| {
+        let m = clients.between(
+            up + Duration::from_millis(from_ms),
+            up + Duration::from_millis(to_ms),
+        );
+        let n: usize = m.values().sum();
+        m.get(&be1.0).copied().unwrap_or(0) as f64 / n.max(1) as f64
+    };
+    thread::sleep(Duration::from_millis(6500));
+    // Weight 25 % of be2's at first (a share of 20 %), all of it (50 %) after 4 s plus a tick.
+    let (first, last) = (share(0, 1000), share(5500, 6500));
+    assert!(first < 0.33, "share in the first second {first:.2}");
+    assert!(last > 0.40, "share after the ramp {last:.2}");
+    assert!(first + 0.12 < last, "{first:.2} -> {last:.2}");
+    Ok(())
+}
+
+#[test]
+fn a_drain_with_a_timeout_removes_the_backend_when_it_ends() -> Result<()> {
+    let tb = testbed(2, &[web("web", 1, fast(Via::Tunnel))])?;
+    let be1 = who(&tb, 0);
+    tb.lb(&[
+        "backend",
+        "drain",
+        "web",
+        &be1.1.to_string(),
+        "--timeout",
+        "2",
+    ])
+    .expect_ok("drain");
+    let row = |tb: &Testbed| {
+        tb.lb_json(&["backend", "list", "web"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["address"] == be1.1.to_string())
+            .cloned()
+    };
+    let r = row(&tb).unwrap();
+    assert_eq!(r["state"], "draining", "{r}");
+    assert!(r["drain_left_s"].as_u64().is_some_and(|s| s <= 2), "{r}");
+    assert!(std::fs::read_to_string(tb.config_path())?.contains("drain_until"));
+    wait_for("the drain to end", Duration::from_secs(5), || {
+        row(&tb).is_none()
+    });
+    let ch = changes(&tb, "web", be1.1);
+    assert_eq!(
+        ch.last().map(|c| c.0.as_str()),
+        Some("drain_done"),
+        "{ch:?}"
+    );
+    assert!(!std::fs::read_to_string(tb.config_path())?.contains(&be1.1.to_string()));
+    Ok(())
+}
+
+#[test]
+fn a_flapping_backend_changes_state_no_faster_than_rise_and_fall_allow() -> Result<()> {
+    let tb = testbed(2, &[web("web", 1, fast(Via::Tunnel))])?;
+    let be1 = who(&tb, 0);
+    thread::sleep(Duration::from_millis(300));
+    let log_before = tb.agent().unwrap().log().matches("why=\"health\"").count();
+    // Its link goes dark and comes back every 50 ms, for 3 s.
+    let start = Instant::now();
+    let mut dark = false;
+    while start.elapsed() < Duration::from_secs(3) {
+        dark = !dark;
+        tb.bridge()
+            .ip(&["link", "set", &be1.0, if dark { "down" } else { "up" }])?;
+        thread::sleep(Duration::from_millis(50));
+    }
+    tb.bridge().ip(&["link", "set", &be1.0, "up"])?;
+    let elapsed = start.elapsed();
+    let flips = changes(&tb, "web", be1.1).len();
+    // A change needs two results in a row against the state (rise = fall = 2); checks
+    // come at most every 100 ms: at most one change per 200 ms.
+    let bound = (elapsed.as_millis() / 200) as usize + 1;
+    assert!(
+        flips <= bound,
+        "{flips} state changes in {elapsed:?} (bound {bound})"
+    );
+    // Each change rebuilt one ring, nothing more.
+    let rebuilds = tb.agent().unwrap().log().matches("why=\"health\"").count() - log_before;
+    assert!(
+        rebuilds <= flips,
+        "{rebuilds} ring updates for {flips} changes"
+    );
+    Ok(())
+}

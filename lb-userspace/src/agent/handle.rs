@@ -62,8 +62,14 @@ impl Agent {
                 vip,
                 address,
                 drain,
+                timeout_s,
             } => {
-                cfg.backend_mut(vip, address)?.drain = *drain;
+                let b = cfg.backend_mut(vip, address)?;
+                b.drain = *drain;
+                b.drain_until = match (drain, timeout_s) {
+                    (true, Some(t)) => Some(unix_now() + u64::from(*t)),
+                    _ => None,
+                };
             }
             _ => unreachable!("not a mutation"),
         }
@@ -133,6 +139,8 @@ impl Agent {
                                 .filter(|m| *m != [0; 6])
                                 .map(crate::config::MacAddr),
                             unresolved: self.view.unresolved.get(&b.address).cloned(),
+                            state: self.state_of(v, b),
+                            drain_left_s: b.drain_until.map(|t| t.saturating_sub(unix_now())),
                         })
                     })
                     .collect(),
@@ -165,6 +173,26 @@ impl Agent {
             Request::Shutdown => Reply::Done {},
             _ => unreachable!("a change"),
         })
+    }
+
+    /// A backend's state in words, from what the agent runs (`eff`).
+    fn state_of(&self, v: &crate::config::VipConfig, b: &crate::config::BackendConfig) -> String {
+        if self.view.unresolved.contains_key(&b.address) {
+            return "unresolved".into();
+        }
+        let ran = self
+            .eff
+            .vip(&v.name)
+            .and_then(|v| v.backends.iter().find(|x| x.address == b.address));
+        match ran {
+            Some(r) if r.down => "down",
+            Some(_) if b.drain => "draining",
+            Some(_) if b.weight == 0 => "weight 0",
+            Some(r) if b.backup && r.drain => "backup",
+            Some(_) => "up",
+            None => "-",
+        }
+        .into()
     }
 
     /// Every checked backend: state, why, last check, availability.
@@ -308,3 +336,10 @@ impl Agent {
 pub const ACTIVE_TCP: std::time::Duration = std::time::Duration::from_secs(900);
 /// The same for UDP (IPVS's default UDP timeout).
 pub const ACTIVE_UDP: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Unix time, seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -344,6 +344,39 @@ impl Agent {
         if self.modes.values().any(|m| m.ramping) {
             self.rerun("slow start");
         }
+        self.end_drains();
+    }
+
+    /// Backends whose drain timeout has passed leave their VIP (written to the file).
+    fn end_drains(&mut self) {
+        let now = handle::unix_now();
+        let mut cfg = self.cfg.clone();
+        let mut done = Vec::new();
+        for v in &mut cfg.vips {
+            v.backends.retain(|b| {
+                let over = b.drain && b.drain_until.is_some_and(|t| t <= now);
+                if over {
+                    done.push((v.name.clone(), b.address));
+                }
+                !over
+            });
+        }
+        if done.is_empty() {
+            return;
+        }
+        match self.apply(cfg, true, "drain timeout") {
+            Ok(_) => {
+                for (vip, addr) in done {
+                    self.events.push(
+                        &vip,
+                        Some(addr),
+                        "drain_done",
+                        "drain timeout over: removed",
+                    );
+                }
+            }
+            Err(e) => error!(error = %format!("{e:#}"), "removing backends whose drain ended"),
+        }
     }
 
     /// Let go of the instance (at exit): the lock file goes, the data plane stays.

@@ -151,6 +151,10 @@ enum BackendCmd {
         vip: String,
         /// The backend's address.
         address: IpAddr,
+        /// Remove it from the VIP this many seconds from now (its remaining connections
+        /// then move to the other backends); without: drained until `undrain`.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u32>,
     },
     /// Take new flows again after `drain`.
     Undrain {
@@ -218,15 +222,21 @@ impl Cmd {
                     address,
                     weight,
                 },
-                BackendCmd::Drain { vip, address } => Request::BackendDrain {
+                BackendCmd::Drain {
+                    vip,
+                    address,
+                    timeout,
+                } => Request::BackendDrain {
                     vip,
                     address,
                     drain: true,
+                    timeout_s: timeout,
                 },
                 BackendCmd::Undrain { vip, address } => Request::BackendDrain {
                     vip,
                     address,
                     drain: false,
+                    timeout_s: None,
                 },
             },
             Cmd::Status => Request::Status,

@@ -125,7 +125,11 @@ fn backends(rows: &[BackendRow]) -> String {
             b.vip.clone(),
             b.address.to_string(),
             b.weight.to_string(),
-            yes(b.drain).into(),
+            match b.drain_left_s {
+                Some(left) => format!("{} ({left}s left)", b.state),
+                None if b.state.is_empty() => if b.drain { "draining" } else { "up" }.into(),
+                None => b.state.clone(),
+            },
             next_hop,
             b.id.map_or("-".into(), |i| i.to_string()),
         ]);

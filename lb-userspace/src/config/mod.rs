@@ -326,6 +326,10 @@ pub struct BackendConfig {
     /// Overrides of the VIP's `health` fields for this backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSpec>,
+    /// A drain with a timeout (`lb backend drain --timeout`): removed from the VIP at this
+    /// Unix time (seconds). Kept in the file, so a restart keeps the deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_until: Option<u64>,
     /// Not configured: set by the agent in the config it runs when the backend's checks
     /// say it is down (its flows move; it is in no ring).
     #[serde(skip)]
@@ -341,6 +345,7 @@ impl Default for BackendConfig {
             mac: None,
             backup: false,
             health: None,
+            drain_until: None,
             down: false,
         }
     }
@@ -672,6 +677,12 @@ impl BackendConfig {
             return err(format!("{at}.address"), why);
         }
         health::check_of(vip, self, at)?;
+        if self.drain_until.is_some() && !self.drain {
+            return err(
+                format!("{at}.drain_until"),
+                "only for a draining backend (drain = true)",
+            );
+        }
         if self.weight > MAX_WEIGHT {
             return err(
                 format!("{at}.weight"),
@@ -1254,6 +1265,7 @@ backends = [
                             interval_ms: Some(1000),
                             ..Default::default()
                         }),
+                        drain_until: Some(1_800_000_000),
                         down: false,
                     }],
                 },
@@ -1311,6 +1323,7 @@ backends = [
             b.mac = Some("02:00:00:00:20:06".parse().unwrap());
             b.backup = false;
             b.health = None;
+            b.drain_until = None;
             c.vips[1].backends[1].weight = 2;
             c
         };
