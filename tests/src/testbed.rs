@@ -767,7 +767,6 @@ max_conns = 65536
             health: spec.health.clone(),
             panic_threshold: spec.panic_threshold,
             slow_start_s: spec.slow_start_s,
-            ..Default::default()
         }
     }
 
