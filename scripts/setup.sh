@@ -4,7 +4,8 @@
 # bpf-linker built against the same LLVM major as Debian's rustc (see shared toolchain notes).
 set -euo pipefail
 
-need_pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf iproute2 ethtool bpftool procps util-linux)
+# prometheus: for promtool (the metrics and alert-rule tests)
+need_pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf iproute2 ethtool bpftool procps util-linux prometheus)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod migrate;
 pub mod nexthop;
 pub mod reconcile;

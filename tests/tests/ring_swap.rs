@@ -35,6 +35,7 @@ fn config(backends: &[(u8, u32)]) -> Config {
             gateway_mac: Some("02:00:00:00:00:fe".parse().unwrap()),
             encap_source_v4: Some("198.18.255.0/24".parse().unwrap()),
             encap_source_v6: None,
+            metrics: lb_userspace::config::Listen::Off,
         },
         vips: vec![VipConfig {
             name: "web".into(),

@@ -75,6 +75,7 @@ pub struct Agent {
     /// What the policy did to each VIP.
     pub(crate) modes: BTreeMap<String, VipMode>,
     pub(crate) events: events::Events,
+    pub(crate) metrics: crate::metrics::Metrics,
     pub(crate) dp: Dataplane,
     pub(crate) applied: Applied,
     pub(crate) mtu: u32,
@@ -190,6 +191,7 @@ impl Agent {
             ramp: BTreeMap::new(),
             modes: BTreeMap::new(),
             events: events::Events::default(),
+            metrics: crate::metrics::Metrics::default(),
             dp,
             applied,
             mtu,
@@ -292,9 +294,12 @@ impl Agent {
             return; // no longer checked
         };
         h.record(r.up, r.changed, &r.result, r.latency, now);
+        let backend = r.id.1.to_string();
+        self.metrics.checked(&r.id.0, &backend, r.latency);
         if !r.changed {
             return;
         }
+        self.metrics.changed(&r.id.0, &backend, r.up);
         let (vip, addr) = r.id.clone();
         let reason = h.reason.clone();
         let slow = self.cfg.vip(&vip).is_some_and(|v| v.slow_start_s > 0);
@@ -327,6 +332,73 @@ impl Agent {
             }
             Err(e) => error!(error = %format!("{e:#}"), why, "applying"),
         }
+    }
+
+    /// A Prometheus scrape: the data plane's counters and the health state, now.
+    pub fn metrics_text(&self) -> String {
+        use crate::metrics::{BackendSnap, Snapshot, VipSnap};
+        let now = Instant::now();
+        let mut snap = Snapshot::default();
+        if let Ok(counts) = self.dp.reason_counts() {
+            snap.reasons = lb_common::Reason::ALL
+                .iter()
+                .map(|r| (r.name(), counts[*r as usize]))
+                .collect();
+        }
+        if let Ok(c) = self.dp.hc_counts() {
+            let names = [
+                "pass",
+                "sent",
+                "sent_l2",
+                "drop_no_backend",
+                "drop_malformed",
+                "drop_helper",
+            ];
+            snap.probes = names.iter().zip(c).map(|(n, v)| (*n, v)).collect();
+        }
+        for v in &self.cfg.vips {
+            let key = reconcile::vip_key(v);
+            let Some(a) = self.applied.vips.get(&key) else {
+                continue;
+            };
+            let mode = self.modes.get(&v.name).copied().unwrap_or_default();
+            let ran = self.eff.vip(&v.name);
+            let mut healthy = 0;
+            for b in &v.backends {
+                let h = self.health.get(&(v.name.clone(), b.address));
+                healthy += h.is_none_or(|h| h.up) as u64;
+                let in_ring = ran
+                    .and_then(|r| r.backends.iter().find(|x| x.address == b.address))
+                    .is_some_and(|x| x.active());
+                let counters = self
+                    .applied
+                    .member_id(&key, &b.address)
+                    .and_then(|id| self.dp.backend_counters(id).ok())
+                    .map(Into::into)
+                    .unwrap_or_default();
+                snap.backends.push(BackendSnap {
+                    vip: v.name.clone(),
+                    backend: b.address.to_string(),
+                    counters,
+                    up: h.map(|h| h.up),
+                    in_ring,
+                    availability: h.map(|h| h.availability(now)),
+                });
+            }
+            snap.vips.push(VipSnap {
+                vip: v.name.clone(),
+                counters: self
+                    .dp
+                    .vip_counters(a.meta.id)
+                    .map(Into::into)
+                    .unwrap_or_default(),
+                panic: mode.panic,
+                backups_serving: mode.backups,
+                healthy,
+                backends: v.backends.len() as u64,
+            });
+        }
+        self.metrics.render(snap)
     }
 
     /// Every second: slow starts take their next step, next hops are re-validated.

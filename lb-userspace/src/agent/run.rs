@@ -109,6 +109,16 @@ pub fn run(config: &Path, instance: &str) -> Result<()> {
                 break;
             }
         });
+        // The Prometheus endpoint: each scrape is answered by the event loop (which owns
+        // the maps), between other work.
+        let (scrape_tx, mut scrapes) = mpsc::channel::<oneshot::Sender<String>>(4);
+        if let crate::config::Listen::At(addr) = agent.cfg.agent.metrics {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("agent.metrics: listening on {addr}"))?;
+            info!(%addr, "metrics on http://{addr}/metrics");
+            tokio::spawn(serve_metrics(listener, scrape_tx));
+        }
         let mut tick = tokio::time::interval(crate::nexthop::TICK);
         let mut reports = agent.reports.take().expect("the checker's reports");
         info!(socket = %sock.display(), "listening");
@@ -124,6 +134,7 @@ pub fn run(config: &Path, instance: &str) -> Result<()> {
                 }
                 _ = tick.tick() => agent.tick(),
                 Some(r) = reports.recv() => agent.on_report(r),
+                Some(reply) = scrapes.recv() => { let _ = reply.send(agent.metrics_text()); }
                 Some((req, reply)) = rx.recv() => {
                     let shutdown = matches!(req, Request::Shutdown);
                     let _ = reply.send(agent.handle(req));
@@ -140,4 +151,50 @@ pub fn run(config: &Path, instance: &str) -> Result<()> {
         agent.release();
         Ok(())
     })
+}
+
+/// `GET /metrics` (anything else: 404), one request per connection.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    scrapes: mpsc::Sender<oneshot::Sender<String>>,
+) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let scrapes = scrapes.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut lines = BufReader::new(r).lines();
+            let Ok(Some(request)) = lines.next_line().await else {
+                return;
+            };
+            // The rest of the head.
+            while let Ok(Some(l)) = lines.next_line().await {
+                if l.is_empty() {
+                    break;
+                }
+            }
+            let mut parts = request.split_whitespace();
+            let (method, path) = (parts.next(), parts.next().unwrap_or(""));
+            let (status, ctype, body) =
+                if method == Some("GET") && (path == "/metrics" || path.starts_with("/metrics?")) {
+                    let (tx, rx) = oneshot::channel();
+                    if scrapes.send(tx).await.is_err() {
+                        return;
+                    }
+                    let body = rx.await.unwrap_or_default();
+                    (
+                        "200 OK",
+                        prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                        body,
+                    )
+                } else {
+                    ("404 Not Found", "text/plain", "try /metrics\n".to_string())
+                };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = w.write_all(head.as_bytes()).await;
+            let _ = w.write_all(body.as_bytes()).await;
+        });
+    }
 }

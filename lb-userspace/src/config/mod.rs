@@ -83,6 +83,44 @@ pub struct AgentConfig {
         deserialize_with = "encap_source_v6"
     )]
     pub encap_source_v6: Option<Ipv6Net>,
+    /// Where the Prometheus endpoint listens (`GET /metrics`), or `"off"`. Default:
+    /// `127.0.0.1:9469` (loopback only).
+    #[serde(default = "default_metrics")]
+    pub metrics: Listen,
+}
+
+/// An address to listen on, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Off,
+    At(std::net::SocketAddr),
+}
+
+impl Serialize for Listen {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Listen::Off => s.serialize_str("off"),
+            Listen::At(a) => s.collect_str(a),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Listen, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "off" {
+            return Ok(Listen::Off);
+        }
+        s.parse().map(Listen::At).map_err(|_| {
+            de::Error::custom(format!(
+                "{s:?} is not an address:port like 127.0.0.1:9469, or \"off\""
+            ))
+        })
+    }
+}
+
+fn default_metrics() -> Listen {
+    Listen::At(([127, 0, 0, 1], 9469).into())
 }
 
 /// An optional prefix, or an error that says what was expected (ipnet's own says only
@@ -1231,6 +1269,7 @@ backends = [
                 gateway_mac: Some("02:00:00:00:00:01".parse().unwrap()),
                 encap_source_v4: Some("198.18.254.0/23".parse().unwrap()),
                 encap_source_v6: Some("2001:db8:fe::/96".parse().unwrap()),
+                metrics: Listen::At("[::1]:9100".parse().unwrap()),
             },
             vips: vec![
                 VipConfig {
@@ -1302,6 +1341,7 @@ backends = [
             a.max_conns = 4097;
             a.mtu = Some(1400);
             a.gateway_mac = Some("02:00:00:00:00:02".parse().unwrap());
+            a.metrics = Listen::Off;
             a.encap_source_v4 = Some("198.18.253.0/24".parse().unwrap());
             a.encap_source_v6 = Some("2001:db8:fd::/120".parse().unwrap());
             let v = &mut c.vips[0];

@@ -82,6 +82,7 @@ pub struct Dataplane {
     pub vip_stats: PerCpuArray<MapData, Counters>,
     pub be_stats: PerCpuArray<MapData, Counters>,
     pub decap_stats: PerCpuArray<MapData, u64>,
+    pub hc_stats: PerCpuArray<MapData, u64>,
     pub layout: HashMap<MapData, [u8; 16], layout::MapLayout>,
     /// Second handles on `RINGS`, `BACKENDS` and `CONNS` for batch operations (aya 0.14 has
     /// none).
@@ -199,6 +200,7 @@ impl Dataplane {
             vip_stats: PerCpuArray::try_from(take(&mut ebpf, "VIP_STATS")?)?,
             be_stats: PerCpuArray::try_from(take(&mut ebpf, "BE_STATS")?)?,
             decap_stats: PerCpuArray::try_from(take(&mut ebpf, "DECAP_STATS")?)?,
+            hc_stats: PerCpuArray::try_from(take(&mut ebpf, "HC_STATS")?)?,
             layout: HashMap::try_from(take(&mut ebpf, "LAYOUT")?)?,
             ebpf,
             sizes,
@@ -408,6 +410,13 @@ impl Dataplane {
     pub fn reason_counts(&self) -> Result<Vec<u64>> {
         (0..NUM_REASONS)
             .map(|i| Ok(self.stats.get(&i, 0)?.iter().sum()))
+            .collect()
+    }
+
+    /// `HC_STATS` summed over CPUs, by `HcReason`.
+    pub fn hc_counts(&self) -> Result<Vec<u64>> {
+        (0..NUM_HC_REASONS)
+            .map(|i| Ok(self.hc_stats.get(&i, 0)?.iter().sum()))
             .collect()
     }
 
