@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 
 use lb_userspace::{
     agent,
-    api::{self, Request},
+    api::{self, Reply, Request},
     config::{BackendConfig, Forwarding, MacAddr, Protocol, VipConfig, DEFAULT_WEIGHT},
 };
 
@@ -65,7 +65,12 @@ enum Cmd {
     /// What the agent runs.
     Status,
     /// Counters: per VIP and its backends (with connections), drop/pass reasons.
-    Stats,
+    Stats {
+        /// Live rates (per second) per VIP and backend, refreshed every second in place,
+        /// until interrupted.
+        #[arg(long, short)]
+        watch: bool,
+    },
     /// State changes: backends up and down (with why), next hops, panic and backup modes.
     Events {
         /// Then every new one as it happens, until interrupted.
@@ -240,7 +245,7 @@ impl Cmd {
                 },
             },
             Cmd::Status => Request::Status,
-            Cmd::Stats => Request::Stats,
+            Cmd::Stats { .. } => Request::Stats,
             Cmd::Events { follow } => Request::Events { follow },
         }
     }
@@ -279,6 +284,9 @@ fn run(cli: Cli) -> Result<()> {
     {
         return run_agent(config, netns, stop, &cli.instance);
     }
+    if let Cmd::Stats { watch: true } = cli.cmd {
+        return watch_stats(&cli.instance);
+    }
     let req = cli.cmd.request();
     if let Request::Events { follow: true } = req {
         let json = cli.json;
@@ -306,6 +314,32 @@ fn run(cli: Cli) -> Result<()> {
     stdout.write_all(out.as_bytes())?;
     stdout.flush()?;
     Ok(())
+}
+
+/// `lb stats --watch`: every second, the rates since the last second, in place.
+fn watch_stats(instance: &str) -> Result<()> {
+    let tty = std::io::stdout().is_terminal();
+    let mut last: Option<(std::time::Instant, lb_userspace::api::Stats)> = None;
+    loop {
+        let Reply::Stats(now) = api::request(instance, &Request::Stats)? else {
+            anyhow::bail!("the agent answered something else than stats");
+        };
+        let t = std::time::Instant::now();
+        if let Some((t0, prev)) = &last {
+            let out = tables::rates(prev, &now, t.duration_since(*t0));
+            let mut stdout = std::io::stdout().lock();
+            if tty {
+                stdout.write_all(b"\x1b[H\x1b[2J")?;
+            }
+            stdout.write_all(out.as_bytes())?;
+            if !tty {
+                stdout.write_all(b"\n")?;
+            }
+            stdout.flush()?;
+        }
+        last = Some((t, now));
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }
 
 /// `lb`'s `main`.

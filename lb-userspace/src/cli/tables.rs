@@ -21,6 +21,70 @@ pub fn human(reply: &Reply) -> String {
     }
 }
 
+/// `lb stats --watch`: per VIP and backend, packets, bytes and new flows per second
+/// between two snapshots `dt` apart, with the connection counts of the second.
+pub fn rates(prev: &Stats, now: &Stats, dt: std::time::Duration) -> String {
+    let secs = dt.as_secs_f64().max(1e-3);
+    let rate = |a: u64, b: u64| format!("{:.0}", b.saturating_sub(a) as f64 / secs);
+    let mut t = table(
+        &[
+            "VIP / BACKEND",
+            "STATE",
+            "PKT/S",
+            "BYTES/S",
+            "NEW/S",
+            "ACTIVE",
+            "INACTIVE",
+        ],
+        &[2, 3, 4, 5, 6],
+    );
+    for v in &now.vips {
+        let pv = prev.vips.iter().find(|p| p.name == v.name);
+        let c0 = pv.map(|p| p.counters).unwrap_or_default();
+        t.add_row(vec![
+            format!(
+                "{} {} {}",
+                v.name,
+                v.protocol,
+                SocketAddr::new(v.address, v.port)
+            ),
+            String::new(),
+            rate(c0.packets, v.counters.packets),
+            rate(c0.bytes, v.counters.bytes),
+            rate(c0.new_flows, v.counters.new_flows),
+            v.backends
+                .iter()
+                .map(|b| b.conns.active)
+                .sum::<u64>()
+                .to_string(),
+            v.backends
+                .iter()
+                .map(|b| b.conns.inactive)
+                .sum::<u64>()
+                .to_string(),
+        ]);
+        for b in &v.backends {
+            let b0 = pv
+                .and_then(|p| p.backends.iter().find(|x| x.address == b.address))
+                .map(|x| x.counters)
+                .unwrap_or_default();
+            t.add_row(vec![
+                format!("  -> {}", b.address),
+                b.state.to_string(),
+                rate(b0.packets, b.counters.packets),
+                rate(b0.bytes, b.counters.bytes),
+                rate(b0.new_flows, b.counters.new_flows),
+                b.conns.active.to_string(),
+                b.conns.inactive.to_string(),
+            ]);
+        }
+    }
+    format!(
+        "lb stats --watch (every second; Ctrl-C stops)\n\n{}",
+        text(&t)
+    )
+}
+
 /// Unix milliseconds as `YYYY-MM-DD HH:MM:SS.mmm` (UTC).
 pub fn utc(ms: u64) -> String {
     let (secs, milli) = (ms / 1000, ms % 1000);
@@ -375,5 +439,43 @@ tx_forward            30
 from_the_future        1
 ";
         assert_eq!(human(&Reply::Stats(s)), want);
+    }
+
+    #[test]
+    fn watch_prints_rates_over_the_interval_and_the_current_connections() {
+        let vip = |c: Counters, b: Counters, active| VipStats {
+            name: "web".into(),
+            address: "198.18.10.1".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            counters: c,
+            backends: vec![VipBackendStats {
+                address: "198.18.20.1".parse().unwrap(),
+                id: Some(0),
+                weight: 100,
+                state: BackendState::Up,
+                counters: b,
+                conns: Conns {
+                    active,
+                    inactive: 1,
+                },
+            }],
+        };
+        let stats = |v| Stats {
+            reasons: Default::default(),
+            vips: vec![v],
+            backends: vec![],
+        };
+        let prev = stats(vip(counters(100, 10_000, 10), counters(100, 10_000, 10), 5));
+        let now = stats(vip(counters(300, 50_000, 14), counters(300, 50_000, 14), 7));
+        // 200 packets, 40000 bytes and 4 new flows in two seconds.
+        let want = "\
+lb stats --watch (every second; Ctrl-C stops)
+
+VIP / BACKEND           STATE  PKT/S  BYTES/S  NEW/S  ACTIVE  INACTIVE
+web tcp 198.18.10.1:80           100    20000      2       7         1
+  -> 198.18.20.1        up       100    20000      2       7         1
+";
+        assert_eq!(rates(&prev, &now, std::time::Duration::from_secs(2)), want);
     }
 }
