@@ -18,9 +18,9 @@ use anyhow::Result;
 use lb_tests::{
     netns::{spawn_in_netns, unique_name},
     support::{wait_for, StopOnDrop},
-    testbed::{http_get, Testbed, TestbedOpts, VipSpec},
+    testbed::{http_get, udp_request_from, Testbed, TestbedOpts, VipSpec},
 };
-use lb_userspace::config::{Forwarding, HealthSpec, Via};
+use lb_userspace::config::{CheckKind, Forwarding, HealthSpec, Via};
 use serde_json::Value;
 
 /// Checks every 100 ms, 100 ms timeout, down after 2 failures, up after 2 passes.
@@ -194,6 +194,39 @@ fn a_black_holed_backend_is_out_by_the_timeout_path() -> Result<()> {
     wait_for("be1 back", Duration::from_secs(5), || {
         clients.between(back, Instant::now()).contains_key(&be1.0)
     });
+    Ok(())
+}
+
+#[test]
+fn an_established_udp_flow_of_a_dead_backend_continues_at_once_on_another() -> Result<()> {
+    let mut dns = VipSpec::udp("dns", IpAddr::from([198, 18, 10, 53]), Forwarding::Ipip);
+    dns.health = Some(HealthSpec {
+        kind: Some(CheckKind::Udp),
+        ..fast(Via::Tunnel)
+    });
+    let mut tb = testbed(3, &[dns])?;
+    let addr: SocketAddr = "198.18.10.53:53".parse()?;
+    // One flow: always the same client port.
+    let ask = |tb: &Testbed| {
+        tb.in_client(|| udp_request_from(40053, addr, b"q", Duration::from_millis(300)))?
+            .map(|r| r.backend)
+    };
+    let first = ask(&tb)?;
+    for _ in 0..5 {
+        assert_eq!(ask(&tb)?, first, "a UDP flow stays on its backend");
+    }
+    let i = tb.backends().iter().position(|b| b.name == first).unwrap();
+    let addr_i = IpAddr::V4(tb.backends()[i].v4);
+    tb.kill_server(i);
+    wait_for("the backend down", Duration::from_secs(3), || {
+        changes(&tb, "dns", addr_i).iter().any(|c| c.0 == "down")
+    });
+    // The flow's next datagram is answered by another backend, which keeps it.
+    let next = ask(&tb)?;
+    assert_ne!(next, first);
+    for _ in 0..5 {
+        assert_eq!(ask(&tb)?, next, "the flow stays on its new backend");
+    }
     Ok(())
 }
 
