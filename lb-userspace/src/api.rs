@@ -156,10 +156,7 @@ pub struct BackendRow {
     /// Why it is kept out of the rings for want of a next hop, if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unresolved: Option<String>,
-    /// `up`, `down` (its checks fail), `draining`, `weight 0`, `backup` (waiting),
-    /// `unresolved`.
-    #[serde(default)]
-    pub state: String,
+    pub state: BackendState,
     /// A drain with a timeout: seconds until the backend is removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_left_s: Option<u64>,
@@ -259,7 +256,7 @@ pub struct Conns {
     pub inactive: u64,
 }
 
-/// Whether a backend takes new flows.
+/// Whether a backend takes new flows, and if not why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendState {
@@ -270,6 +267,12 @@ pub enum BackendState {
     /// Weight 0: gets no new flows.
     #[serde(rename = "weight_0")]
     Weight0,
+    /// Its health checks fail: in no ring, its flows move to other backends.
+    Down,
+    /// A backup waiting for every primary to fail (in no ring until then).
+    Backup,
+    /// No next hop found for it (no neighbour entry): kept out of the rings.
+    Unresolved,
 }
 
 impl BackendState {
@@ -290,6 +293,9 @@ impl fmt::Display for BackendState {
             BackendState::Up => "up",
             BackendState::Draining => "draining",
             BackendState::Weight0 => "weight 0",
+            BackendState::Down => "down",
+            BackendState::Backup => "backup",
+            BackendState::Unresolved => "unresolved",
         })
     }
 }

@@ -176,23 +176,23 @@ impl Agent {
     }
 
     /// A backend's state in words, from what the agent runs (`eff`).
-    fn state_of(&self, v: &crate::config::VipConfig, b: &crate::config::BackendConfig) -> String {
+    fn state_of(
+        &self,
+        v: &crate::config::VipConfig,
+        b: &crate::config::BackendConfig,
+    ) -> BackendState {
         if self.view.unresolved.contains_key(&b.address) {
-            return "unresolved".into();
+            return BackendState::Unresolved;
         }
         let ran = self
             .eff
             .vip(&v.name)
             .and_then(|v| v.backends.iter().find(|x| x.address == b.address));
         match ran {
-            Some(r) if r.down => "down",
-            Some(_) if b.drain => "draining",
-            Some(_) if b.weight == 0 => "weight 0",
-            Some(r) if b.backup && r.drain => "backup",
-            Some(_) => "up",
-            None => "-",
+            Some(r) if r.down => BackendState::Down,
+            Some(r) if b.backup && r.drain && !b.drain => BackendState::Backup,
+            _ => BackendState::of(b),
         }
-        .into()
     }
 
     /// Every checked backend: state, why, last check, availability.
@@ -255,7 +255,7 @@ impl Agent {
                     address: b.address,
                     id,
                     weight: b.weight,
-                    state: BackendState::of(b),
+                    state: self.state_of(v, b),
                     counters,
                     conns: id
                         .and_then(|id| conns.get(&id))

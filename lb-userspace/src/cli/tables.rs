@@ -174,7 +174,7 @@ fn vips(rows: &[VipRow]) -> String {
 
 fn backends(rows: &[BackendRow]) -> String {
     let mut t = table(
-        &["VIP", "ADDRESS", "WEIGHT", "DRAIN", "NEXT HOP", "ID"],
+        &["VIP", "ADDRESS", "WEIGHT", "STATE", "NEXT HOP", "ID"],
         &[2, 5],
     );
     for b in rows {
@@ -191,8 +191,7 @@ fn backends(rows: &[BackendRow]) -> String {
             b.weight.to_string(),
             match b.drain_left_s {
                 Some(left) => format!("{} ({left}s left)", b.state),
-                None if b.state.is_empty() => if b.drain { "draining" } else { "up" }.into(),
-                None => b.state.clone(),
+                None => b.state.to_string(),
             },
             next_hop,
             b.id.map_or("-".into(), |i| i.to_string()),

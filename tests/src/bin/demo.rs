@@ -1,13 +1,19 @@
 //! `cargo xtask demo`: the product on an embedded default configuration, in a namespace
 //! testbed (client, LB on a stick, three backends running real HTTP servers). Sends real
 //! HTTP requests through an IPv4 and an IPv6 VIP, prints which backend answered next to
-//! the agent's own counters, then takes a backend out, drains another, restores both, and
+//! the agent's own counters, then takes a backend out, drains another, restores both; then
+//! kills a backend's server and lets the health checks take it out and bring it back, and
 //! tears everything down. Every change goes through the `lb` CLI, as an operator's would.
-use std::{collections::BTreeMap, io::Write, net::IpAddr, time::Instant};
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use lb_tests::testbed::{Testbed, TestbedOpts, VipSpec};
-use lb_userspace::config::Forwarding;
+use lb_userspace::config::{Forwarding, HealthSpec};
 
 const REQUESTS: usize = 300;
 
@@ -74,6 +80,37 @@ impl Demo {
         self.table(v, &hits, &before)
     }
 
+    /// Wait (up to `limit`) for the agent's event `what` about `backend` of VIP `v`; print
+    /// it with the time it took since `since`.
+    fn await_event(
+        &self,
+        v: usize,
+        backend: &str,
+        what: &str,
+        since: Instant,
+        limit: Duration,
+    ) -> Result<()> {
+        while since.elapsed() < limit {
+            let events = self.tb.lb_json(&["events"])?;
+            let hit = events.as_array().into_iter().flatten().find(|e| {
+                e["vip"] == self.vips[v].name.as_str()
+                    && e["backend"] == backend
+                    && e["what"] == what
+            });
+            if let Some(e) = hit {
+                println!(
+                    "  after {:.2}s the agent saw it: {} {backend} {what} ({})",
+                    since.elapsed().as_secs_f64(),
+                    self.vips[v].name,
+                    e["reason"].as_str().unwrap_or("")
+                );
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        anyhow::bail!("no {what} event for {backend} within {limit:?}")
+    }
+
     fn table(
         &self,
         v: usize,
@@ -85,7 +122,7 @@ impl Demo {
         let rows: Vec<_> = backends.as_array().into_iter().flatten().collect();
         let total_w: u64 = rows
             .iter()
-            .filter(|b| b["drain"] != true)
+            .filter(|b| b["state"] == "up")
             .map(|b| b["weight"].as_u64().unwrap_or(0))
             .sum();
         println!(
@@ -111,8 +148,8 @@ impl Demo {
                 .unwrap_or_default();
             let n = hits.get(&host).copied().unwrap_or(0);
             let w = b["weight"].as_u64().unwrap_or(0);
-            let drained = b["drain"] == true;
-            let want = if drained || total_w == 0 {
+            let state = b["state"].as_str().unwrap_or("?");
+            let want = if state != "up" || total_w == 0 {
                 "-".to_string()
             } else {
                 format!("{:.0}%", 100.0 * w as f64 / total_w as f64)
@@ -125,7 +162,7 @@ impl Demo {
                 host,
                 addr,
                 w,
-                if drained { "draining" } else { "up" },
+                state,
                 n,
                 100.0 * n as f64 / REQUESTS as f64,
                 nf,
@@ -148,7 +185,20 @@ fn main() -> Result<()> {
         VipSpec::tcp("web6", "2001:db8:10::1".parse::<IpAddr>()?, Forwarding::Gue)
             .with_weights(&[100, 200, 300]),
     ];
-    // The embedded default: an IPv4 (ipip) and an IPv6 (gue) VIP, weights 1:2:3.
+    // The embedded default: an IPv4 (ipip) and an IPv6 (gue) VIP, weights 1:2:3, checked
+    // every 500 ms through the tunnel (down after 2 failures, up after 2 passes).
+    let vips: Vec<VipSpec> = vips
+        .into_iter()
+        .map(|mut v| {
+            v.health = Some(HealthSpec {
+                interval_ms: Some(500),
+                fall: Some(2),
+                rise: Some(2),
+                ..Default::default()
+            });
+            v
+        })
+        .collect();
     let cfg = tb.agent_config(&vips)?;
     println!(
         "\n[{:5.1}s] starting the agent: lb agent --config {} --instance {}",
@@ -171,7 +221,7 @@ fn main() -> Result<()> {
         shown.pop();
     }
     println!("  {}", shown.join("\n  ").trim_end());
-    let demo = Demo { tb, vips, start };
+    let mut demo = Demo { tb, vips, start };
     demo.lb(&["vip", "list"])?;
     // No MACs or outer source in the config: the agent found the next hops itself.
     demo.lb(&["backend", "list", "web4"])?;
@@ -190,7 +240,7 @@ fn main() -> Result<()> {
     let b = demo.tb.backends();
     let (out, drained) = (b[2].addr(false).to_string(), b[1].addr(false).to_string());
     demo.step(&format!(
-        "taking {} ({out}) out of web4 (no health checks yet: through the CLI)",
+        "taking {} ({out}) out of web4 by hand (lb backend remove)",
         b[2].name
     ));
     demo.lb(&["backend", "remove", "web4", &out])?;
@@ -208,6 +258,26 @@ fn main() -> Result<()> {
     // No MAC: the agent resolves the backend's next hop itself.
     demo.lb(&["backend", "add", "web4", &out, "--weight", "300"])?;
     demo.round(0)?;
+
+    let (hurt, hurt_addr) = {
+        let h = &demo.tb.backends()[1];
+        (h.name.clone(), h.addr(false).to_string())
+    };
+    demo.step(&format!(
+        "health checks: {}'s HTTP server is killed (kill -9); nobody tells the agent",
+        hurt
+    ));
+    let killed = Instant::now();
+    demo.tb.kill_server(1);
+    demo.await_event(0, &hurt_addr, "down", killed, Duration::from_secs(10))?;
+    demo.round(0)?;
+
+    demo.step(&format!("{hurt}'s server is started again"));
+    let back = Instant::now();
+    demo.tb.restart_server(1)?;
+    demo.await_event(0, &hurt_addr, "up", back, Duration::from_secs(10))?;
+    demo.round(0)?;
+    demo.lb(&["events"])?;
 
     demo.step("drop and pass reasons counted by the lb program");
     let stats = demo.tb.lb_json(&["stats"])?;
