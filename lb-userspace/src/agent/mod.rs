@@ -15,8 +15,6 @@ use tracing::{error, info};
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use tokio::sync::mpsc::UnboundedReceiver;
-
 use crate::{
     config::{CheckKind, Config, Via},
     dataplane::{
@@ -26,7 +24,7 @@ use crate::{
     health::{
         policy::{self, VipMode},
         record::BackendHealth,
-        Checker, Probe, Report, Target, TargetId,
+        Checker, Probe, Report, Reports, Target, TargetId,
     },
     migrate,
     reconcile::{self, Applied, Changes},
@@ -65,9 +63,9 @@ pub struct Agent {
     /// from health (see `health::policy`).
     pub(crate) eff: Config,
     pub(crate) view: effective::KernelView,
-    /// The checking thread, and its reports (taken by the event loop).
+    /// The checking thread, and its results.
     checker: Checker,
-    pub(crate) reports: Option<UnboundedReceiver<Report>>,
+    pub(crate) reports: Reports,
     /// Every checked backend's record.
     pub(crate) health: BTreeMap<TargetId, BackendHealth>,
     /// Backends whose weight ramps up (slow start), since when.
@@ -186,7 +184,7 @@ impl Agent {
             eff,
             view,
             checker,
-            reports: Some(reports),
+            reports,
             health: BTreeMap::new(),
             ramp: BTreeMap::new(),
             modes: BTreeMap::new(),
@@ -286,18 +284,30 @@ impl Agent {
         self.checker.set(targets);
     }
 
-    /// One check result. A state change is logged with its reason, becomes an event, and
-    /// is applied (only the rings of that backend's VIP change).
-    pub fn on_report(&mut self, r: Report) {
-        let now = Instant::now();
+    /// Take in the checker's results so far; if a state changed, apply it (only the rings
+    /// of the VIPs concerned change; several changes, one pass).
+    pub fn drain_reports(&mut self) {
+        let mut changed = false;
+        for r in self.reports.take() {
+            changed |= self.on_report(r);
+        }
+        if changed {
+            self.rerun("health");
+        }
+    }
+
+    /// One check result. A state change is logged with its reason and becomes an event;
+    /// returns whether the state changed.
+    fn on_report(&mut self, r: Report) -> bool {
+        let now = r.at;
         let Some(h) = self.health.get_mut(&r.id) else {
-            return; // no longer checked
+            return false; // no longer checked
         };
         h.record(r.up, r.changed, &r.result, r.latency, now);
         let backend = r.id.1.to_string();
         self.metrics.checked(&r.id.0, &backend, r.latency);
         if !r.changed {
-            return;
+            return false;
         }
         self.metrics.changed(&r.id.0, &backend, r.up);
         let (vip, addr) = r.id.clone();
@@ -308,7 +318,7 @@ impl Agent {
         }
         self.events
             .push(&vip, Some(addr), if r.up { "up" } else { "down" }, &reason);
-        self.rerun("health");
+        true
     }
 
     /// Compose the running config again and apply what differs (health, next hops, a slow
@@ -403,6 +413,7 @@ impl Agent {
 
     /// Every second: slow starts take their next step, next hops are re-validated.
     pub fn tick(&mut self) {
+        self.drain_reports();
         if let Err(e) = self.view.refresh() {
             error!(error = %format!("{e:#}"), "re-validating next hops");
         }

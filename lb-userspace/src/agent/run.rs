@@ -120,7 +120,7 @@ pub fn run(config: &Path, instance: &str) -> Result<()> {
             tokio::spawn(serve_metrics(listener, scrape_tx));
         }
         let mut tick = tokio::time::interval(crate::nexthop::TICK);
-        let mut reports = agent.reports.take().expect("the checker's reports");
+        let reports = agent.reports.clone();
         info!(socket = %sock.display(), "listening");
         loop {
             tokio::select! {
@@ -133,9 +133,13 @@ pub fn run(config: &Path, instance: &str) -> Result<()> {
                     agent.kernel_changed();
                 }
                 _ = tick.tick() => agent.tick(),
-                Some(r) = reports.recv() => agent.on_report(r),
-                Some(reply) = scrapes.recv() => { let _ = reply.send(agent.metrics_text()); }
+                _ = reports.changed() => agent.drain_reports(),
+                Some(reply) = scrapes.recv() => {
+                    agent.drain_reports();
+                    let _ = reply.send(agent.metrics_text());
+                }
                 Some((req, reply)) = rx.recv() => {
+                    agent.drain_reports();
                     let shutdown = matches!(req, Request::Shutdown);
                     let _ = reply.send(agent.handle(req));
                     if shutdown {

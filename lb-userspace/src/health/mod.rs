@@ -1,16 +1,21 @@
 //! Health checking. Probes run on a thread of their own (a tokio runtime there), one task
 //! per (VIP, backend): a slow or black-holed backend never delays another's check, and
 //! ring rebuilds in the agent's loop never delay any. The agent says what to check
-//! ([`Checker::set`]) and hears back every result ([`Report`]), state changes marked.
+//! ([`Checker::set`]) and hears back every result ([`Report`]), state changes marked,
+//! through [`Reports`]: a queue that wakes the agent only for a state change.
 //!
 //! [`state`]: rise/fall counting; [`probe`]: the checks themselves.
 use std::{
     collections::BTreeMap,
     net::IpAddr,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::{
+    mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender},
+    Notify,
+};
 
 pub mod policy;
 pub mod probe;
@@ -42,6 +47,37 @@ pub struct Report {
     pub up: bool,
     /// This result changed the state.
     pub changed: bool,
+    /// When the probe ended.
+    pub at: Instant,
+}
+
+/// The checker's results in the order they came. A state change wakes the agent at once;
+/// the rest wait until the agent drains the queue (each second, and before it answers),
+/// so 1,000 checks a second cost the agent's loop one wake-up a second, not 1,000.
+#[derive(Clone, Default)]
+pub struct Reports {
+    queue: Arc<Mutex<Vec<Report>>>,
+    wake: Arc<Notify>,
+}
+
+impl Reports {
+    fn push(&self, r: Report) {
+        let changed = r.changed;
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+        if changed {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Everything queued so far, oldest first.
+    pub fn take(&self) -> Vec<Report> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Returns when a state change was queued (at once if one was since the last call).
+    pub async fn changed(&self) {
+        self.wake.notified().await
+    }
 }
 
 enum Command {
@@ -54,10 +90,11 @@ pub struct Checker {
 }
 
 impl Checker {
-    /// Start the thread; its reports come out of the returned receiver.
-    pub fn spawn() -> std::io::Result<(Checker, UnboundedReceiver<Report>)> {
+    /// Start the thread; its results come out of the returned queue.
+    pub fn spawn() -> std::io::Result<(Checker, Reports)> {
         let (tx, rx) = unbounded_channel();
-        let (rtx, rrx) = unbounded_channel();
+        let reports = Reports::default();
+        let rtx = reports.clone();
         std::thread::Builder::new()
             .name("lb-health".into())
             .spawn(move || {
@@ -67,7 +104,7 @@ impl Checker {
                     .expect("a runtime for health checks");
                 rt.block_on(manage(rx, rtx));
             })?;
-        Ok((Checker { tx }, rrx))
+        Ok((Checker { tx }, reports))
     }
 
     /// Check exactly these targets from now on: new ones start, gone ones stop, changed
@@ -77,7 +114,7 @@ impl Checker {
     }
 }
 
-async fn manage(mut rx: UnboundedReceiver<Command>, reports: UnboundedSender<Report>) {
+async fn manage(mut rx: UnboundedReceiver<Command>, reports: Reports) {
     let mut running: BTreeMap<TargetId, (Probe, tokio::task::JoinHandle<()>)> = BTreeMap::new();
     while let Some(Command::Set(targets)) = rx.recv().await {
         running.retain(|id, (probe, task)| {
@@ -103,7 +140,7 @@ async fn manage(mut rx: UnboundedReceiver<Command>, reports: UnboundedSender<Rep
 /// Check one backend forever: a probe every interval (`fastinter` while its state is
 /// changing), counted by rise/fall. The first one at a random point of the first
 /// interval, so that many backends' checks spread out instead of firing together.
-async fn check_loop(id: TargetId, t: Target, reports: UnboundedSender<Report>) {
+async fn check_loop(id: TargetId, t: Target, reports: Reports) {
     let mut health = Health::new(t.up);
     let c = &t.probe.check;
     let spread = c.interval.mul_f64(jitter(&id));
@@ -111,18 +148,16 @@ async fn check_loop(id: TargetId, t: Target, reports: UnboundedSender<Report>) {
     loop {
         let started = Instant::now();
         let result = probe::run(&t.probe).await;
-        let latency = started.elapsed();
+        let at = Instant::now();
         let changed = health.record(result.is_ok(), c.rise, c.fall);
-        let r = Report {
+        reports.push(Report {
             id: id.clone(),
             result,
-            latency,
+            latency: at - started,
             up: health.up,
             changed,
-        };
-        if reports.send(r).is_err() {
-            return;
-        }
+            at,
+        });
         let next = started + probe::next_in(c, health.changing());
         tokio::time::sleep_until(next.into()).await;
     }
