@@ -4,8 +4,9 @@
 # bpf-linker built against the same LLVM major as Debian's rustc (see shared toolchain notes).
 set -euo pipefail
 
-# prometheus: for promtool (the metrics and alert-rule tests)
-need_pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf iproute2 ethtool bpftool procps util-linux prometheus)
+# prometheus: for promtool (the metrics and alert-rule tests); haproxy: the baseline of
+# bench/src/bin/health.rs (Debian's package does not start a service where there is no init)
+need_pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf iproute2 ethtool bpftool procps util-linux prometheus haproxy)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -30,7 +30,7 @@ use lb_tests::{
     support::{wait_for, StopOnDrop},
 };
 use lb_userspace::{
-    config::Config,
+    config::{CheckKind, Config, Via},
     dataplane::{Dataplane, MAP_NAMES},
 };
 use serde_json::Value;
@@ -336,6 +336,26 @@ fn cli_changes_are_written_to_the_config_file_and_survive_kill_9_and_restart() -
         &["backend", "weight", "web", "198.18.20.1", "250"],
         &["backend", "drain", "web", "198.18.20.2"],
         &[
+            "vip",
+            "add",
+            "api",
+            "198.18.10.2",
+            "8080",
+            "tcp",
+            "--check",
+            "http",
+            "--via",
+            "direct",
+            "--check-path",
+            "/healthz",
+            "--check-interval-ms",
+            "500",
+            "--panic-threshold",
+            "50",
+            "--slow-start-s",
+            "30",
+        ],
+        &[
             "backend",
             "add",
             "dns",
@@ -377,6 +397,24 @@ fn cli_changes_are_written_to_the_config_file_and_survive_kill_9_and_restart() -
     assert_eq!(dns.forwarding.to_string(), "gue");
     assert_eq!(dns.backends.len(), 1);
     assert_eq!(cfg.agent.ring_size, 1009, "the agent table is kept");
+    let api = cfg.vip("api").expect("vip api in the file");
+    let hc = api.health.as_ref().expect("api's health table");
+    assert_eq!(
+        (hc.kind, hc.via, hc.path.as_deref(), hc.interval_ms),
+        (
+            Some(CheckKind::Http),
+            Some(Via::Direct),
+            Some("/healthz"),
+            Some(500)
+        )
+    );
+    assert_eq!((api.panic_threshold, api.slow_start_s), (Some(50), 30));
+    assert!(
+        text.contains(
+            r#"health = { kind = "http", via = "direct", interval_ms = 500, path = "/healthz" }"#
+        ),
+        "{text}"
+    );
 
     let before = (a.json(&["backend", "list"]), a.json(&["vip", "list"]));
     let maps_before = state(&a).maps;
@@ -644,6 +682,48 @@ health = { kind = "none" }
                 "02:00:00:00:20",
             ],
             "--mac",
+        ),
+        (
+            "panic threshold 0 %",
+            &[
+                "vip",
+                "add",
+                "x",
+                "198.18.10.9",
+                "80",
+                "tcp",
+                "--panic-threshold",
+                "0",
+            ],
+            "vip[x].panic_threshold",
+        ),
+        (
+            "checks every 0 ms",
+            &[
+                "vip",
+                "add",
+                "x",
+                "198.18.10.9",
+                "80",
+                "tcp",
+                "--check-interval-ms",
+                "0",
+            ],
+            "vip[x].health.interval_ms",
+        ),
+        (
+            "an unknown kind of check",
+            &[
+                "vip",
+                "add",
+                "x",
+                "198.18.10.9",
+                "80",
+                "tcp",
+                "--check",
+                "icmp",
+            ],
+            "--check",
         ),
         (
             "IPv4-mapped IPv6 VIP address",

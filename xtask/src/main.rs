@@ -28,7 +28,8 @@ enum Cmd {
     },
     /// Set up, then show the data plane at work on an embedded default configuration.
     Demo,
-    /// Set up, build, then run the data-plane and control-plane benchmarks (print tables).
+    /// Set up, build, then run the data-plane, control-plane and health-check benchmarks
+    /// (print tables).
     /// Extra arguments go to the data-plane benchmark (CPU, number of flows).
     Bench {
         #[arg(trailing_var_arg = true)]
@@ -226,7 +227,11 @@ fn run_cli(cli: Cli) -> Result<()> {
                 "--release",
                 "--workspace",
             ]))?;
-            for (bin, args) in [("dataplane", &args[..]), ("control", &[][..])] {
+            for (bin, args) in [
+                ("dataplane", &args[..]),
+                ("control", &[][..]),
+                ("health", &[][..]),
+            ] {
                 run(Command::new(&cargo)
                     .current_dir(root())
                     .args(["run", "--release", "-p", "lb-bench", "--bin", bin, "--"])

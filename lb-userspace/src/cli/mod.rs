@@ -14,7 +14,10 @@ use clap::{Parser, Subcommand};
 use lb_userspace::{
     agent,
     api::{self, Reply, Request},
-    config::{BackendConfig, Forwarding, MacAddr, Protocol, VipConfig, DEFAULT_WEIGHT},
+    config::{
+        BackendConfig, CheckKind, Forwarding, HealthSpec, MacAddr, Protocol, Via, VipConfig,
+        DEFAULT_WEIGHT,
+    },
 };
 
 mod tables;
@@ -98,6 +101,28 @@ enum VipCmd {
         /// Send every flow of a client to one backend.
         #[arg(long)]
         affinity: bool,
+        /// Health check of its backends (default: tcp for a TCP VIP, none for UDP).
+        #[arg(long, value_enum)]
+        check: Option<CheckKind>,
+        /// Probes through the tunnel, as client traffic goes (default), or straight to
+        /// the backend's address (for backends that do not run decap).
+        #[arg(long, value_enum)]
+        via: Option<Via>,
+        /// Port to probe (default: the VIP's).
+        #[arg(long)]
+        check_port: Option<u16>,
+        /// HTTP check: the path to GET (default /).
+        #[arg(long)]
+        check_path: Option<String>,
+        /// Time between checks (default 2000; the timeout defaults to it).
+        #[arg(long)]
+        check_interval_ms: Option<u32>,
+        /// Below this percentage of healthy backends, spread over all of them (1-100).
+        #[arg(long)]
+        panic_threshold: Option<u8>,
+        /// Ramp a returning backend up to its weight over this many seconds.
+        #[arg(long)]
+        slow_start_s: Option<u32>,
     },
     /// Remove a VIP with its backends.
     Remove {
@@ -183,17 +208,37 @@ impl Cmd {
                     protocol,
                     forwarding,
                     affinity,
-                } => Request::VipAdd {
-                    vip: VipConfig {
-                        name,
-                        address,
-                        port,
-                        protocol,
-                        forwarding,
-                        affinity,
+                    check,
+                    via,
+                    check_port,
+                    check_path,
+                    check_interval_ms,
+                    panic_threshold,
+                    slow_start_s,
+                } => {
+                    let health = HealthSpec {
+                        kind: check,
+                        via,
+                        port: check_port,
+                        path: check_path,
+                        interval_ms: check_interval_ms,
                         ..Default::default()
-                    },
-                },
+                    };
+                    Request::VipAdd {
+                        vip: VipConfig {
+                            name,
+                            address,
+                            port,
+                            protocol,
+                            forwarding,
+                            affinity,
+                            health: (health != HealthSpec::default()).then_some(health),
+                            panic_threshold,
+                            slow_start_s: slow_start_s.unwrap_or_default(),
+                            ..Default::default()
+                        },
+                    }
+                }
                 VipCmd::Remove { name } => Request::VipRemove { name },
                 VipCmd::List => Request::VipList,
             },

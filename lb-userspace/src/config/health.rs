@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{err, BackendConfig, FieldError, Protocol, VipConfig};
 
 /// What to probe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckKind {
     /// A TCP connect (the handshake completes).
@@ -34,7 +34,7 @@ impl fmt::Display for CheckKind {
 }
 
 /// Which way a probe goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Via {
     /// Addressed to the VIP and sent to this one backend exactly as client traffic is
