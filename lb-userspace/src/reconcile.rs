@@ -16,7 +16,7 @@ use anyhow::{anyhow, Context, Result};
 use lb_common::*;
 
 use crate::{
-    config::{Config, VipConfig},
+    config::{BackendConfig, Config, VipConfig},
     dataplane::{addr_raw, ip_from_raw, port_raw, vip_info, Dataplane},
     maglev::{self, MaglevInput},
 };
@@ -211,6 +211,15 @@ pub fn ring_hash(ring: &[u32]) -> u64 {
 /// The Maglev ring of a VIP as backend addresses: its active backends, named by address so
 /// that every LB host with the same config builds the same ring.
 pub fn ring_addresses(cfg: &Config, v: &VipConfig) -> Result<Vec<IpAddr>> {
+    let (active, table) = ring_of(cfg, v)?;
+    Ok(table
+        .into_iter()
+        .map(|i| active[i as usize].address)
+        .collect())
+}
+
+/// A VIP's active backends and its Maglev table of indices into them.
+fn ring_of<'a>(cfg: &Config, v: &'a VipConfig) -> Result<(Vec<&'a BackendConfig>, Vec<u32>)> {
     let active: Vec<_> = v.backends.iter().filter(|b| b.active()).collect();
     let names: Vec<String> = active.iter().map(|b| b.address.to_string()).collect();
     let input: Vec<MaglevInput> = active
@@ -223,10 +232,7 @@ pub fn ring_addresses(cfg: &Config, v: &VipConfig) -> Result<Vec<IpAddr>> {
         .collect();
     let table = maglev::build(cfg.agent.hash_seed, &input, cfg.agent.ring_size)
         .map_err(|e| anyhow!("vip[{}]: ring: {e:?}", v.name))?;
-    Ok(table
-        .into_iter()
-        .map(|i| active[i as usize].address)
-        .collect())
+    Ok((active, table))
 }
 
 /// The next id from `from` on that `taken` does not claim. `from` is a cursor kept across
@@ -375,10 +381,14 @@ pub fn reconcile(
         if applied.vips.get(&key).and_then(|a| a.input.as_ref()) == Some(&input) {
             continue;
         }
-        let ring: Vec<u32> = ring_addresses(cfg, v)?
-            .into_iter()
-            .map(|a| applied.members[&(key, a)].0)
+        // Slot -> backend index -> id: one id lookup per backend, not one per slot
+        // (65,537 hash lookups were most of a rebuild).
+        let (active, table) = ring_of(cfg, v)?;
+        let id_of: Vec<u32> = active
+            .iter()
+            .map(|b| applied.members[&(key, b.address)].0)
             .collect();
+        let ring: Vec<u32> = table.into_iter().map(|i| id_of[i as usize]).collect();
         let flags = if v.affinity { VIP_F_AFFINITY } else { 0 };
         let forwarding = v.forwarding.to_common() as u8;
         let (id, is_new) = ids[&key];

@@ -119,6 +119,22 @@ fn a_config_of_addresses_only_works_and_next_hops_follow_the_kernel() -> Result<
         row(&tb, "web", &a2).unwrap()["unresolved"].is_null()
     });
     assert_eq!(answered(&tb, "198.18.10.1", 30)?, everyone);
+    // Both changes are events, with the reason.
+    let events = tb.lb_json(&["events"])?;
+    let about: Vec<(String, String)> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["backend"] == a2.as_str())
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or("").to_string();
+            (s("what"), s("reason"))
+        })
+        .collect();
+    assert_eq!(about.len(), 2, "{about:?}");
+    assert_eq!(about[0].0, "unresolved");
+    assert!(about[0].1.contains("not agent.interface"), "{about:?}");
+    assert_eq!(about[1].0, "resolved");
 
     // A neighbour change: be1 gets a new MAC, and the LB's neighbour table learns it.
     let new_mac = "02:aa:00:00:00:01";

@@ -72,6 +72,8 @@ pub struct Agent {
     ramp: BTreeMap<TargetId, Instant>,
     /// What the policy did to each VIP.
     pub(crate) modes: BTreeMap<String, VipMode>,
+    /// Backends without a next hop when last composed, and why (for their events).
+    unresolved_seen: BTreeMap<std::net::IpAddr, String>,
     pub(crate) events: events::Events,
     pub(crate) metrics: crate::metrics::Metrics,
     pub(crate) dp: Dataplane,
@@ -127,7 +129,7 @@ impl Agent {
                     policy::apply(&mut eff, &BTreeMap::new(), Instant::now());
                     let changes = reconcile::reconcile(&mut dp, &eff, &mut applied, mtu)?;
                     log_attached(&how);
-                    log_changes(&changes, "start");
+                    log_changes(&changes, "start", None);
                     let start = if how == Attached::Fresh {
                         Start::Fresh
                     } else {
@@ -188,6 +190,7 @@ impl Agent {
             health: BTreeMap::new(),
             ramp: BTreeMap::new(),
             modes: BTreeMap::new(),
+            unresolved_seen: BTreeMap::new(),
             events: events::Events::default(),
             metrics: crate::metrics::Metrics::default(),
             dp,
@@ -237,7 +240,34 @@ impl Agent {
             }
         }
         self.modes = modes;
+        self.next_hop_events(cfg);
         Ok(eff)
+    }
+
+    /// A backend that lost its next hop, or found one again: an event for each of its VIPs.
+    fn next_hop_events(&mut self, cfg: &Config) {
+        let now = &self.view.unresolved;
+        let mut news = Vec::new();
+        for (addr, why) in now {
+            if self.unresolved_seen.get(addr) != Some(why) {
+                news.push((*addr, "unresolved", why.clone()));
+            }
+        }
+        for addr in self.unresolved_seen.keys() {
+            if !now.contains_key(addr) {
+                news.push((*addr, "resolved", "a next hop answers again".to_string()));
+            }
+        }
+        self.unresolved_seen = now.clone();
+        for (addr, what, why) in news {
+            for v in cfg
+                .vips
+                .iter()
+                .filter(|v| v.backends.iter().any(|b| b.address == addr))
+            {
+                self.events.push(&v.name, Some(addr), what, &why);
+            }
+        }
     }
 
     /// Tell the checker what to check, from the operator's config: every backend whose
@@ -324,6 +354,7 @@ impl Agent {
     /// Compose the running config again and apply what differs (health, next hops, a slow
     /// start's next step).
     fn rerun(&mut self, why: &str) {
+        let t = Instant::now();
         let cfg = self.cfg.clone();
         let eff = match self.compose(&cfg, Duration::ZERO) {
             Ok(e) => e,
@@ -338,7 +369,7 @@ impl Agent {
         match reconcile::reconcile(&mut self.dp, &eff, &mut self.applied, self.mtu) {
             Ok(changes) => {
                 self.eff = eff;
-                log_changes(&changes, why);
+                log_changes(&changes, why, Some(t.elapsed()));
             }
             Err(e) => error!(error = %format!("{e:#}"), why, "applying"),
         }
@@ -506,7 +537,7 @@ impl Agent {
                 self.cfg = new;
                 self.eff = eff;
                 self.mtu = mtu;
-                log_changes(&changes, why);
+                log_changes(&changes, why, None);
                 self.sync_checks(true);
                 Ok(changes)
             }
@@ -578,13 +609,15 @@ impl Agent {
     }
 }
 
-fn log_changes(c: &Changes, why: &str) {
+/// `took`: from the decision to the maps written (the new rings live), where it is timed.
+fn log_changes(c: &Changes, why: &str, took: Option<Duration>) {
     if c.is_empty() {
         info!(why, "no change to the maps");
         return;
     }
     info!(
         why,
+        ms = took.map(|t| format!("{:.1}", t.as_secs_f64() * 1e3)),
         vips_added = ?c.vips_added,
         vips_updated = ?c.vips_updated,
         vips_removed = c.vips_removed,

@@ -747,6 +747,29 @@ impl BackendConfig {
 mod tests {
     use super::*;
 
+    /// Every TOML example of the README is a config the agent accepts (those without an
+    /// `[agent]` table under a minimal one).
+    #[test]
+    fn the_readmes_examples_parse() {
+        let readme = include_str!("../../../README.md");
+        let blocks: Vec<&str> = readme
+            .split("```toml\n")
+            .skip(1)
+            .map(|b| b.split("```").next().unwrap())
+            .collect();
+        assert!(blocks.len() >= 3, "{} TOML blocks", blocks.len());
+        for b in blocks {
+            let text = if b.contains("[agent]") {
+                b.to_string()
+            } else {
+                format!("[agent]\ninterface = \"eth0\"\n{b}")
+            };
+            if let Err(e) = Config::parse(&text) {
+                panic!("{e:#}\n{text}");
+            }
+        }
+    }
+
     const GOOD: &str = r#"
 [agent]
 interface = "eth0"
