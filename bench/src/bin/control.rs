@@ -127,7 +127,8 @@ fn ring_of(nbackends: usize) -> Result<Vec<u32>> {
     maglev::build(SEED, &input, M).map_err(|e| anyhow!("{e}"))
 }
 
-/// A config of `nvips` VIPs (198.18.10.(k+1):80/tcp) of `nbackends` backends each.
+/// A config of `nvips` VIPs (198.18.10.(k+1):80/tcp) of `nbackends` backends each, not
+/// health-checked (these backends do not exist; `health` measures checking).
 fn config_toml(iface: &str, nvips: usize, nbackends: usize) -> String {
     let mut s = format!(
         "[agent]\ninterface = \"{iface}\"\nxdp_mode = \"native\"\nring_size = {M}\n\
@@ -139,7 +140,8 @@ fn config_toml(iface: &str, nvips: usize, nbackends: usize) -> String {
     );
     for k in 0..nvips {
         s += &format!(
-            "\n[[vip]]\nname = \"vip{k}\"\naddress = \"198.18.10.{}\"\nport = 80\nprotocol = \"tcp\"\nbackends = [\n",
+            "\n[[vip]]\nname = \"vip{k}\"\naddress = \"198.18.10.{}\"\nport = 80\nprotocol = \"tcp\"\n\
+             health = {{ kind = \"none\" }}\nbackends = [\n",
             k + 1
         );
         for (j, w) in weights(nbackends, k as u64).into_iter().enumerate() {
