@@ -49,4 +49,7 @@ fn main() {
     }
     let obj = target_dir.join("bpfel-unknown-none/release/lb-ebpf");
     println!("cargo:rustc-env=LB_EBPF_OBJ={}", obj.display());
+    // The benchmark tools' object is built by the same command; `bench` loads it by path.
+    let bench = target_dir.join("bpfel-unknown-none/release/lb-bench-ebpf");
+    println!("cargo:rustc-env=LB_BENCH_EBPF_OBJ={}", bench.display());
 }

@@ -9,6 +9,8 @@
 //! The data-plane behaviour these maps drive is specified in `docs/dataplane.md`.
 #![cfg_attr(not(test), no_std)]
 
+pub mod bench;
+
 /// UDP destination port of our GUE (IP in UDP, "variant 1": no GUE header) encapsulation.
 pub const GUE_PORT: u16 = 6080;
 /// Default Maglev ring size (prime, Katran's and the Maglev paper's).
@@ -653,6 +655,7 @@ mod pod {
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for crate::bench::GenConfig {}
     unsafe impl aya::Pod for layout::MapLayout {}
 }
 

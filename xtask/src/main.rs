@@ -28,11 +28,13 @@ enum Cmd {
     },
     /// Set up, then show the data plane at work on an embedded default configuration.
     Demo,
-    /// Set up, build, then run the data-plane, control-plane and health-check benchmarks
-    /// (print tables).
-    /// Extra arguments go to the data-plane benchmark (CPU, number of flows).
+    /// Set up, build, then run the benchmark suite (every suite prints its table and appends
+    /// JSON lines to bench/results/results.jsonl). `bench SUITE [ARGS]` runs one suite
+    /// (throughput, dataplane, haproxy, maglev, flood, control, health) or the packet
+    /// generator (`bench gen --help`); `bench report [--quick]` runs them all and writes
+    /// bench/results/REPORT.md with its charts.
     Bench {
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// The namespace testbed (client, LB on a stick, backends with servers, a bridge),
@@ -94,6 +96,49 @@ extern "C" {
 /// one `test result:` line per binary it ran; a binary that crashed (or a target that did
 /// not build) prints none and is counted apart. A run in which no test ran fails: with a
 /// filter that matches nothing, that is a typo, not a success.
+/// Every suite of the benchmark, in the order `bench` and `bench report` run them.
+const SUITES: [&str; 7] = [
+    "throughput",
+    "dataplane",
+    "haproxy",
+    "maglev",
+    "flood",
+    "control",
+    "health",
+];
+
+fn bench(args: &[String]) -> Result<()> {
+    let bin = |name: &str| root().join("target/release").join(name);
+    match args.first().map(String::as_str) {
+        None => SUITES
+            .iter()
+            .try_for_each(|s| run(&mut Command::new(bin(s)))),
+        Some("report") => {
+            let quick = match &args[1..] {
+                [] => false,
+                [q] if q == "--quick" => true,
+                other => bail!("bench report takes only --quick, not {other:?}"),
+            };
+            let dir = root().join("bench/results");
+            std::fs::create_dir_all(&dir)?;
+            let results = dir.join(if quick { "quick.jsonl" } else { "full.jsonl" });
+            let _ = std::fs::remove_file(&results);
+            for s in SUITES {
+                let mut c = Command::new(bin(s));
+                c.env("LB_BENCH_RESULTS", &results)
+                    .env("LB_BENCH_QUICK", if quick { "1" } else { "0" });
+                run(&mut c)?;
+            }
+            run(Command::new(bin("report")).arg(&results).arg(&dir))
+        }
+        Some(s) if s == "gen" || SUITES.contains(&s) => run(Command::new(bin(s)).args(&args[1..])),
+        Some(s) => bail!(
+            "bench {s:?}: one of {}, gen, report (or nothing: every suite)",
+            SUITES.join(", ")
+        ),
+    }
+}
+
 fn test(cargo: &str, args: &[String]) -> Result<()> {
     use std::{
         io::{BufRead, BufReader},
@@ -224,20 +269,12 @@ fn run_cli(cli: Cli) -> Result<()> {
             // The control benchmark runs the real agent: target/release/lb must be current.
             run(Command::new(&cargo).current_dir(root()).args([
                 "build",
+                "--quiet",
                 "--release",
                 "--workspace",
+                "--bins",
             ]))?;
-            for (bin, args) in [
-                ("dataplane", &args[..]),
-                ("control", &[][..]),
-                ("health", &[][..]),
-            ] {
-                run(Command::new(&cargo)
-                    .current_dir(root())
-                    .args(["run", "--release", "-p", "lb-bench", "--bin", bin, "--"])
-                    .args(args))?;
-            }
-            Ok(())
+            bench(&args)
         }
         Cmd::Testbed { cmd } => {
             let args = match cmd {

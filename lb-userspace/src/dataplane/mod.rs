@@ -35,6 +35,10 @@ fn map_info(map: &aya::maps::Map) -> Result<aya::maps::MapInfo> {
 /// The compiled `lb-ebpf` object (built by `build.rs`).
 pub static OBJECT: &[u8] = include_bytes_aligned!(env!("LB_EBPF_OBJ"));
 
+/// Where the benchmark tools' object (generator, receiver, baseline forwarder) was built,
+/// beside ours by the same command. Not embedded: only `bench` loads it.
+pub const BENCH_OBJECT_PATH: &str = env!("LB_BENCH_EBPF_OBJ");
+
 /// Raw address words and family of an IP address (the form every map key uses).
 pub fn addr_raw(ip: IpAddr) -> ([u32; 4], u8) {
     match ip {

@@ -1,0 +1,5 @@
+//! Shared pieces of the benchmark programs in `src/bin`.
+pub mod live;
+pub mod out;
+pub mod traffic;
+pub mod turns;

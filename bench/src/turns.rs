@@ -1,0 +1,130 @@
+//! Programs under test taking turns on the LB's veth: the `lb` program (production sizes:
+//! 1M-entry connection table, 65,537-slot rings, the standard fixture) and the baseline
+//! forwarder, swapped through the one XDP link, each turn timed on its own. The host
+//! steals CPU in bursts; turns a fraction of a second apart see the same machine, so the
+//! suite compares each LB turn with the forwarder turn beside it and reports medians.
+use std::time::Duration;
+
+use anyhow::Result;
+use lb_common::bench::GenConfig;
+use lb_tests::{fixture::Fixture, model::Model};
+use lb_userspace::dataplane::{Dataplane, Sizes};
+
+use crate::live::{Tools, Wire};
+
+/// The conn-table size of every throughput measurement (Katran's default, and the
+/// data-plane benchmark's).
+pub const MAX_CONNS: u32 = 1 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prog {
+    Lb,
+    Fwd,
+}
+
+impl Prog {
+    pub fn name(self) -> &'static str {
+        match self {
+            Prog::Lb => "lb",
+            Prog::Fwd => "fwd",
+        }
+    }
+}
+
+/// What one turn measured.
+#[derive(Clone, Debug)]
+pub struct Turn {
+    pub sent: u64,
+    pub received: u64,
+    pub secs: f64,
+    /// Frames received per bucket (last byte of the outer destination).
+    pub buckets: Vec<u64>,
+}
+
+impl Turn {
+    pub fn mpps(&self) -> f64 {
+        self.received as f64 / self.secs / 1e6
+    }
+}
+
+pub struct Bench {
+    pub tools: Tools,
+    pub wire: Wire,
+    pub dp: Dataplane,
+    pub fixture: Fixture,
+    on: Option<Prog>,
+}
+
+impl Bench {
+    pub fn new(max_conns: u32) -> Result<Bench> {
+        let mut tools = Tools::load()?;
+        let mut wire = Wire::up(&mut tools)?;
+        let mut dp = Dataplane::load(Sizes {
+            max_conns,
+            ..Sizes::default()
+        })?;
+        let mut fixture = Fixture::standard();
+        fixture.ring_size = lb_common::DEFAULT_RING_SIZE;
+        fixture.apply(&mut dp, &mut Model::default())?;
+        wire.put(dp.program("lb")?)?;
+        Ok(Bench {
+            tools,
+            wire,
+            dp,
+            fixture,
+            on: Some(Prog::Lb),
+        })
+    }
+
+    /// Make `prog` the LB veth's program (a no-op if it is already).
+    pub fn put(&mut self, prog: Prog) -> Result<()> {
+        if self.on == Some(prog) {
+            return Ok(());
+        }
+        match prog {
+            Prog::Lb => self.wire.put(self.dp.program("lb")?)?,
+            Prog::Fwd => self.wire.put(self.tools.program("fwd")?)?,
+        }
+        self.on = Some(prog);
+        Ok(())
+    }
+
+    /// Send `frames` frames of `cfg` through `prog` and count what comes back. Call it on
+    /// a thread inside the generator's namespace.
+    pub fn turn(&mut self, prog: Prog, cfg: &GenConfig, frames: u32) -> Result<Turn> {
+        self.put(prog)?;
+        self.tools.set_gen(cfg)?;
+        let before = self.tools.received()?;
+        let took = self
+            .tools
+            .send(self.wire.gen_ifindex, cfg.frame_len, frames)?;
+        // With the LB on another CPU, frames may still be in flight: wait until the count
+        // stands still (a ring of a few hundred frames drains in microseconds).
+        let mut last = self.tools.received_total()?;
+        loop {
+            std::thread::sleep(Duration::from_millis(2));
+            let now = self.tools.received_total()?;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let after = self.tools.received()?;
+        let buckets: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        Ok(Turn {
+            sent: frames as u64,
+            received: buckets.iter().sum(),
+            secs: took.as_secs_f64(),
+            buckets,
+        })
+    }
+
+    /// Kernel-measured (run time, runs) of `prog` so far (kernel.bpf_stats_enabled).
+    pub fn prog_stats(&mut self, prog: Prog) -> Result<(Duration, u64)> {
+        let info = match prog {
+            Prog::Lb => self.dp.program("lb")?.info()?,
+            Prog::Fwd => self.tools.program("fwd")?.info()?,
+        };
+        Ok((info.run_time(), info.run_count()))
+    }
+}
