@@ -6,7 +6,8 @@ set -euo pipefail
 
 # prometheus: for promtool (the metrics and alert-rule tests); haproxy: the baseline of
 # bench/src/bin/health.rs (Debian's package does not start a service where there is no init)
-need_pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf iproute2 ethtool bpftool procps util-linux prometheus haproxy)
+# linux-perf: the throughput suite's profiles; fonts-dejavu-core: the report's charts
+need_pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf iproute2 ethtool bpftool procps util-linux prometheus haproxy linux-perf fonts-dejavu-core)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

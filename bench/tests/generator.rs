@@ -6,67 +6,10 @@ use aya::programs::{TestRun, TestRunOptions};
 use etherparse::PacketBuilder;
 use lb_bench::{
     live::{pin_to_cpu, Tools, GEN_MAC, LB_MAC},
-    traffic::{gen_config, Mix},
+    traffic::{gen_config, reference_frame, Mix},
     turns::{Bench, Prog},
 };
-use lb_common::bench::GenConfig;
 use lb_tests::{fixture::Fixture, model::Model, netns::in_netns};
-
-/// Flow `i`'s frame as the generator's contract (lb_common::bench) describes it.
-fn expected(cfg: &GenConfig, i: u32, payload_byte: u8) -> Vec<u8> {
-    let sport = 10_000 + (i & 0x7fff) as u16;
-    let off = (i >> 15) as u16;
-    let v6 = cfg.family == 6;
-    let hdrs = 14 + if v6 { 40 } else { 20 } + if cfg.proto == 6 { 20 } else { 8 };
-    let payload = vec![payload_byte; cfg.frame_len as usize - hdrs];
-    let eth = PacketBuilder::ethernet2(cfg.src_mac, cfg.dst_mac);
-    let ip = if v6 {
-        let mut s: [u8; 16] = bytemuck(cfg.src);
-        let last = u16::from_be_bytes([s[14], s[15]]).wrapping_add(off);
-        s[14..].copy_from_slice(&last.to_be_bytes());
-        eth.ipv6(s, bytemuck(cfg.dst), 64)
-    } else {
-        let mut s: [u8; 4] = cfg.src[0].to_ne_bytes();
-        let last = u16::from_be_bytes([s[2], s[3]]).wrapping_add(off);
-        s[2..].copy_from_slice(&last.to_be_bytes());
-        eth.ipv4(s, cfg.dst[0].to_ne_bytes(), 64)
-    };
-    let mut out = Vec::new();
-    if cfg.proto == 6 {
-        let mut b = ip.tcp(sport, cfg.dst_port, 1, 65535);
-        b = if cfg.tcp_flags == 0x02 {
-            b.syn()
-        } else {
-            b.ack(0)
-        };
-        b.write(&mut out, &payload).unwrap();
-    } else {
-        ip.udp(sport, cfg.dst_port)
-            .write(&mut out, &payload)
-            .unwrap();
-    }
-    if !v6 {
-        // DF set, identification 0 (etherparse's defaults are DF clear).
-        out[20] |= 0x40;
-        let mut h = etherparse::Ipv4Header::from_slice(&out[14..]).unwrap().0;
-        h.dont_fragment = true;
-        h.header_checksum = h.calc_header_checksum();
-        out[14..34].copy_from_slice(&h.to_bytes());
-    }
-    // The generator leaves L4 checksums zero (see lb-ebpf/src/bench.rs).
-    let l4 = 14 + if v6 { 40 } else { 20 };
-    let at = l4 + if cfg.proto == 6 { 16 } else { 6 };
-    out[at..at + 2].copy_from_slice(&[0, 0]);
-    out
-}
-
-fn bytemuck(w: [u32; 4]) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    for (i, x) in w.iter().enumerate() {
-        b[i * 4..i * 4 + 4].copy_from_slice(&x.to_ne_bytes());
-    }
-    b
-}
 
 /// Run `gen` once (not live) over `len` bytes of 0xAA; the frame it wrote.
 fn generate(tools: &mut Tools, len: usize) -> Vec<u8> {
@@ -114,7 +57,7 @@ fn the_generator_writes_every_header_byte_of_each_flow() {
                 };
                 let got = generate(&mut tools, cfg.frame_len as usize);
                 seq += 1;
-                let want = expected(&cfg, want_flow.wrapping_add(base), 0xAA);
+                let want = reference_frame(&cfg, want_flow.wrapping_add(base), 0xAA);
                 assert_eq!(
                     got,
                     want,
@@ -125,7 +68,7 @@ fn the_generator_writes_every_header_byte_of_each_flow() {
         }
     }
     // The frames parse as what they claim.
-    let f = expected(&gen_config(Mix::Syn, false, 0, 60), 5, 0);
+    let f = reference_frame(&gen_config(Mix::Syn, false, 0, 60), 5, 0);
     let p = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
     let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else {
         panic!("not TCP")
@@ -223,7 +166,7 @@ fn live_frames_come_back_per_backend_as_the_model_predicts() {
         );
         let mut want = vec![0u64; 257];
         for i in 0..N {
-            let f = expected(&cfg, i, 0);
+            let f = reference_frame(&cfg, i, 0);
             let last = match prog {
                 Prog::Fwd => f[if v6 { 53 } else { 33 }],
                 Prog::Lb => {

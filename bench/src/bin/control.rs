@@ -253,6 +253,10 @@ fn ring_installs() -> Result<()> {
     let row = |name: &str, v: &[Duration], target: &str| {
         let (m, p) = med_p99(v);
         println!("{name:<58} {:>5} {m:>10.3} {p:>10.3} {target:>10}", v.len());
+        let _ = lb_bench::out::record(
+            "control",
+            serde_json::json!({"measure": name, "runs": v.len(), "median_ms": m, "p99_ms": p}),
+        );
     };
     row("write_ring (one BPF_MAP_UPDATE_BATCH)", &w, "");
     row("set_vip (the flip: VIPS + VIP_ADDRS updates)", &f, "");
@@ -377,6 +381,12 @@ fn agent_bench() -> Result<()> {
         "peak RSS (VmHWM)",
         hwm as f64 / 1e3 * 1.024
     );
+    lb_bench::out::record(
+        "control_agent",
+        serde_json::json!({"vips": NVIPS, "backends_per_vip": NBACKENDS,
+            "startup_ms": startup.as_secs_f64() * 1e3, "first_reconcile_ms": ready_ms(&log),
+            "rss_mb": rss as f64 / 1e3 * 1.024, "peak_rss_mb": hwm as f64 / 1e3 * 1.024}),
+    )?;
 
     map_memory(&agent.pin_dir(), &cfg)?;
     Ok(())
@@ -579,6 +589,11 @@ fn map_memory(pins: &Path, cfg: &Config) -> Result<()> {
             )),
             pred.map_or("?", |p| p.1),
         );
+        lb_bench::out::record(
+            "map_memory",
+            serde_json::json!({"map": name, "entries": i.max_entries, "value_size": i.value_size,
+                "measured_bytes": i.memlock, "predicted_bytes": pred.map(|p| p.0)}),
+        )?;
         by_name.insert(name, i);
     }
     println!(

@@ -133,6 +133,7 @@ fn main() -> Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_FLOWS);
     pin_to_cpu(cpu)?;
+    let quick = lb_bench::out::quick();
     let rows = [
         ("floor (XDP_TX only)", Some(1.0), None),
         ("non-VIP packet", Some(1.8), Some(1.5)),
@@ -158,6 +159,12 @@ fn main() -> Result<()> {
             Some(_) => " missed",
             None => "",
         };
+        lb_bench::out::record(
+            "dataplane",
+            serde_json::json!({"fixture": name, "flows": nflows, "ipv4_ns": v[0], "ipv6_ns": v[1],
+                   "ipv4_x_floor": x(0), "ipv6_x_floor": x(1), "katran_x": katran,
+                   "target_x": target}),
+        )?;
         println!(
             "{:<32} {:>8.0} {:>7.2}x {:>8.0} {:>7.2}x {:>7} {:>7}{}",
             name,
@@ -174,13 +181,25 @@ fn main() -> Result<()> {
     // Where the time of established flows goes: the same program, growing numbers of flows.
     // The compute cost is the 200-flow row; the rest is the connection table's buckets and
     // entries falling out of the CPU caches and TLB.
-    println!("\nestablished-flow cost by number of flows:");
+    println!("\nestablished-flow cost by number of flows (1M-entry table: a CPU's share of it is");
+    println!("1M / CPUs, the per-CPU LRU lists of BPF_F_NO_COMMON_LRU):");
     println!(
         "{:>8} {:>10} {:>10} {:>10} {:>10}",
         "flows", "IPv4 ns", "x floor", "IPv6 ns", "x floor"
     );
-    for n in [200u32, 2_000, 20_000, 200_000] {
+    let sweep: &[u32] = if quick {
+        &[200, 20_000, 1_000_000]
+    } else {
+        &[200, 2_000, 20_000, 200_000, 1_000_000]
+    };
+    for &n in sweep {
         let v = measure(n)?;
+        lb_bench::out::record(
+            "dataplane_sweep",
+            serde_json::json!({"flows": n, "ipv4_ns": v[3][0], "ipv6_ns": v[3][1],
+                   "ipv4_new_ns": v[2][0], "ipv6_new_ns": v[2][1],
+                   "ipv4_floor_ns": v[0][0], "ipv6_floor_ns": v[0][1]}),
+        )?;
         println!(
             "{:>8} {:>10.0} {:>9.2}x {:>10.0} {:>9.2}x",
             n,

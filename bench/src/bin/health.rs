@@ -41,8 +41,18 @@ const TIMEOUT_MS: u64 = 1000;
 const RISE: u64 = 2;
 const FALL: u64 = 3;
 /// How long each CPU measurement lasts.
-const WINDOW: Duration = Duration::from_secs(30);
-const ROUNDS: usize = 10;
+/// CPU measurement window (the quick mode: 10 s).
+fn window() -> Duration {
+    Duration::from_secs(if lb_bench::out::quick() { 10 } else { 30 })
+}
+/// Failure rounds, one failure per VIP each (the quick mode: 3).
+fn rounds() -> usize {
+    if lb_bench::out::quick() {
+        3
+    } else {
+        10
+    }
+}
 
 /// Backend `i` (0..N): 198.19.(i / 250).(i % 250 + 1).
 fn backend(i: usize) -> Ipv4Addr {
@@ -223,10 +233,10 @@ struct Usage {
     hwm_mb: f64,
 }
 
-/// Over `WINDOW`: `pid`'s CPU (% of one core) and the connections the backends accepted.
+/// Over `window()`: `pid`'s CPU (% of one core) and the connections the backends accepted.
 fn measure(pid: u32, farm: &Farm) -> Result<Usage> {
     let (c0, a0, t0) = (cpu_seconds(pid)?, farm.accepted()?, Instant::now());
-    thread::sleep(WINDOW);
+    thread::sleep(window());
     let (c1, a1, dt) = (cpu_seconds(pid)?, farm.accepted()?, t0.elapsed());
     Ok(Usage {
         cpu_pct: 100.0 * (c1 - c0) / dt.as_secs_f64(),
@@ -435,7 +445,7 @@ fn failures(agent: &Agent, be_ns: &Netns, farm: &Farm) -> Result<Vec<Failure>> {
     let ids = backend_ids(agent.instance())?;
     let mut rng = Rng(0x004e_a17b);
     let mut all = Vec::new();
-    for round in 0..ROUNDS {
+    for round in 0..rounds() {
         // One failure per VIP, started at random moments within one interval.
         let kind = if round % 2 == 0 {
             Kind::Refused
@@ -555,7 +565,7 @@ fn main() -> Result<()> {
         "Health checking {N} backends ({NVIPS} VIPs x {PER_VIP}): tcp connect every {INTERVAL_MS} ms, \
          timeout {TIMEOUT_MS} ms, rise {RISE}, fall {FALL}; {} CPUs; CPU over {} s",
         thread::available_parallelism().map_or(0, |n| n.get()),
-        WINDOW.as_secs()
+        window().as_secs()
     );
     println!("\n1. Steady state: CPU and memory of the checker");
     println!(
@@ -567,6 +577,12 @@ fn main() -> Result<()> {
         println!(
             "{name:<40} {:>14.2} {:>12.0} {:>9.1} {:>10.1}",
             u.cpu_pct, u.probes_per_s, u.rss_mb, u.hwm_mb
+        );
+        let _ = lb_bench::out::record(
+            "health_cost",
+            serde_json::json!({"checker": name, "backends": N, "interval_ms": INTERVAL_MS,
+                "cpu_pct": u.cpu_pct, "probes_per_s": u.probes_per_s, "rss_mb": u.rss_mb,
+                "peak_rss_mb": u.hwm_mb}),
         );
         rows.push((name, u));
     };
@@ -657,9 +673,10 @@ fn main() -> Result<()> {
 
     let target = (INTERVAL_MS * FALL + TIMEOUT_MS + 50) as f64;
     println!(
-        "\n2. Failure to ring update, {} induced failures ({ROUNDS} rounds of one per VIP; \
+        "\n2. Failure to ring update, {} induced failures ({} rounds of one per VIP; \
          target p99 <= interval x fall + timeout + 50 = {target:.0} ms)",
-        failures.len()
+        failures.len(),
+        rounds()
     );
     println!(
         "{:<28} {:>4} {:>9} {:>9} {:>9} {:>22} {:>26}",
@@ -705,6 +722,11 @@ fn main() -> Result<()> {
             let (a, b, _) = pcts(&install);
             format!("{a:.0} / {b:.0}")
         };
+        lb_bench::out::record(
+            "health_failover",
+            serde_json::json!({"failure": kind.map_or("all", Kind::name), "n": took.len(),
+                "p50_ms": p50, "p99_ms": p99, "max_ms": max, "target_ms": target}),
+        )?;
         println!(
             "{:<28} {:>4} {p50:>9.0} {p99:>9.0} {max:>9.0} {inst:>22} {:>26}",
             kind.map_or("all", Kind::name),

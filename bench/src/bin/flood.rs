@@ -1,0 +1,167 @@
+//! Suite item 5: established flows under a SYN flood. SYNs of new flows arrive, ten times
+//! the connection table's size in all, through the `lb` program on the live wire (inline),
+//! while 10,000 established flows (ACKs) either keep talking (a packet each every tenth of
+//! a table turnover) or sit idle until the flood is over. Before and after, each
+//! established flow's backend is read by running its next packet through the program
+//! (BPF_PROG_TEST_RUN, the outer destination of what it sends). Reported: the share of
+//! established flows whose connection-table entry survived, and the share that kept their
+//! backend, without and with a backend change (a weight 1 -> 4) halfway through the flood.
+use anyhow::{Context, Result};
+use aya::programs::{TestRun, TestRunOptions};
+use lb_bench::{
+    live::pin_to_cpu,
+    out,
+    traffic::{gen_config, min_frame, reference_frame, Mix},
+    turns::{Bench, Prog},
+};
+use lb_common::FlowKey;
+use lb_tests::netns::in_netns;
+use serde_json::json;
+
+const ESTABLISHED: u32 = 10_000;
+/// Flood frames between two rounds of established packets: the table turns over ten
+/// times in the flood, each established flow sends a packet ten times per turnover.
+const ROUNDS_PER_TURNOVER: u32 = 10;
+
+/// The backend (last byte of the outer destination) `lb` sends flow `i` of `cfg` to.
+fn backends_of(b: &mut Bench, cfg: &lb_common::bench::GenConfig) -> Result<Vec<u8>> {
+    let prog = b.dp.program("lb")?;
+    let mut out = vec![0u8; 512];
+    (0..cfg.flows)
+        .map(|i| {
+            let f = reference_frame(cfg, i + cfg.flow_base, 0);
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(&f),
+                    data_out: Some(&mut out),
+                    repeat: 1,
+                    ..Default::default()
+                })
+                .context("test_run lb")?;
+            anyhow::ensure!(r.return_value == 3, "lb did not forward flow {i}");
+            Ok(out[33])
+        })
+        .collect()
+}
+
+/// How many of the flows of `cfg` have a connection-table entry.
+fn entries(b: &Bench, cfg: &lb_common::bench::GenConfig) -> Result<u32> {
+    let mut keys = std::collections::HashSet::new();
+    for (k, _) in b.dp.read_conns()? {
+        keys.insert(key_bytes(&k));
+    }
+    let mut n = 0;
+    for i in 0..cfg.flows {
+        let f = reference_frame(cfg, i + cfg.flow_base, 0);
+        // IPv4 TCP: src 26..30, dst 30..34, ports 34..38.
+        let k = FlowKey {
+            src: [u32::from_ne_bytes(f[26..30].try_into()?), 0, 0, 0],
+            dst: [u32::from_ne_bytes(f[30..34].try_into()?), 0, 0, 0],
+            sport: u16::from_ne_bytes(f[34..36].try_into()?),
+            dport: u16::from_ne_bytes(f[36..38].try_into()?),
+            proto: 6,
+            family: 4,
+            _pad: [0; 2],
+        };
+        n += keys.contains(&key_bytes(&k)) as u32;
+    }
+    Ok(n)
+}
+
+fn key_bytes(k: &FlowKey) -> Vec<u8> {
+    let mut v = Vec::new();
+    for w in k.src.iter().chain(&k.dst) {
+        v.extend_from_slice(&w.to_ne_bytes());
+    }
+    v.extend_from_slice(&k.sport.to_ne_bytes());
+    v.extend_from_slice(&k.dport.to_ne_bytes());
+    v.extend_from_slice(&[k.proto, k.family]);
+    v
+}
+
+fn main() -> Result<()> {
+    let quick = out::quick();
+    let table: u32 = if quick { 1 << 16 } else { 1 << 20 };
+    let flood = table * 10;
+    let mut b = Bench::new(table)?;
+    let gen_ns = b.wire.gen.name().to_string();
+    println!(
+        "Flood: {flood} SYNs of new flows = 10 x the {table}-entry connection table, \
+         {ESTABLISHED} established IPv4 flows talking (a packet each every {} SYNs) or idle; \
+         lb on the live wire, inline",
+        table / ROUNDS_PER_TURNOVER
+    );
+    println!(
+        "{:<12} {:<24} {:>14} {:>14}",
+        "flows", "backends", "entries kept", "backend kept"
+    );
+    let variants = [(true, false), (true, true), (false, false), (false, true)];
+    for (n, (talking, change)) in variants.into_iter().enumerate() {
+        let variant = if change {
+            "weight change mid-flood"
+        } else {
+            "unchanged"
+        };
+        // Each variant its own established flows, far from the flood's; the fixture's
+        // weights as they were.
+        b.fixture.backends[0].weight = 1;
+        let ring = b.fixture.ring(0);
+        let base = b.dp.write_ring(0, 0, &ring)?;
+        let mut meta = b.fixture.meta(0, ring.len(), b.dp.sizes.ring_stride);
+        meta.ring_base = base;
+        b.dp.set_vip(&b.fixture.vips[0].key(), &meta)?;
+        let mut est = gen_config(Mix::Established, false, ESTABLISHED, min_frame(false));
+        est.flow_base = (n as u32 + 1) << 26;
+        let mut syn = gen_config(Mix::Syn, false, 0, min_frame(false));
+        syn.flow_base = 1 << 30;
+        let chunk = if talking {
+            table / ROUNDS_PER_TURNOVER
+        } else {
+            flood / 2
+        };
+        let rounds = flood / chunk;
+        let (before, after, kept_entries) = in_netns(&gen_ns, || -> Result<_> {
+            pin_to_cpu(0)?;
+            b.turn(Prog::Lb, &est, ESTABLISHED)?;
+            let before = backends_of(&mut b, &est)?;
+            for r in 0..rounds {
+                if change && r == rounds / 2 {
+                    // Backend 0 of VIP 0 (weight 1) to weight 4: a new ring, live at once.
+                    b.fixture.backends[0].weight = 4;
+                    let ring = b.fixture.ring(0);
+                    let which = 1;
+                    let base = b.dp.write_ring(0, which, &ring)?;
+                    let mut meta = b.fixture.meta(0, ring.len(), b.dp.sizes.ring_stride);
+                    meta.ring_base = base;
+                    let key = b.fixture.vips[0].key();
+                    b.dp.set_vip(&key, &meta)?;
+                }
+                b.turn(Prog::Lb, &syn, chunk)?;
+                if talking {
+                    b.turn(Prog::Lb, &est, ESTABLISHED)?;
+                }
+            }
+            let kept_entries = entries(&b, &est)?;
+            let after = backends_of(&mut b, &est)?;
+            Ok((before, after, kept_entries))
+        })??;
+        let kept = before.iter().zip(&after).filter(|(x, y)| x == y).count();
+        let kept_share = kept as f64 / ESTABLISHED as f64;
+        let entry_share = kept_entries as f64 / ESTABLISHED as f64;
+        let flows = if talking { "talking" } else { "idle" };
+        println!(
+            "{:<12} {:<24} {:>13.2}% {:>13.2}%",
+            flows,
+            variant,
+            entry_share * 100.0,
+            kept_share * 100.0,
+        );
+        out::record(
+            "flood",
+            json!({"flows": flows, "backends": variant, "backend_change": change,
+                   "established": ESTABLISHED, "table": table, "flood": flood,
+                   "entries_kept": entry_share, "backend_kept": kept_share}),
+        )?;
+    }
+    Ok(())
+}
