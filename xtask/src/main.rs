@@ -119,7 +119,12 @@ fn bench(args: &[String]) -> Result<()> {
                 [q] if q == "--quick" => true,
                 other => bail!("bench report takes only --quick, not {other:?}"),
             };
-            let dir = root().join("bench/results");
+            // The committed report is a full run's; a quick one goes beside it.
+            let dir = root().join(if quick {
+                "bench/results/quick"
+            } else {
+                "bench/results"
+            });
             std::fs::create_dir_all(&dir)?;
             let results = dir.join(if quick { "quick.jsonl" } else { "full.jsonl" });
             let _ = std::fs::remove_file(&results);

@@ -225,7 +225,7 @@ fn main() -> Result<()> {
     writeln!(
         w,
         "Reproduce: `cargo xtask bench report` (full, about 15 minutes) or `cargo xtask bench \
-         report --quick` (under 5 minutes); one suite: `cargo xtask bench throughput` (also \
+         report --quick` (under 5 minutes, into `bench/results/quick/`); one suite: `cargo xtask bench throughput` (also \
          `dataplane`, `haproxy`, `maglev`, `flood`, `control`, `health`); the generator alone: \
          `cargo xtask bench gen --help`. Raw results: `{}`.\n",
         Path::new(&results)
@@ -516,34 +516,31 @@ fn main() -> Result<()> {
                 f(r, "own_cpu_us_per_req")
             )?;
         }
-        let cats: Vec<String> = [
-            "connections/s (÷100)",
-            "p50 µs",
-            "p99 µs",
-            "machine CPU µs/req",
-        ]
-        .map(String::from)
-        .to_vec();
-        let vals = |r: &Rec| {
-            vec![
-                f(r, "cps") / 100.0,
-                f(r, "p50_us"),
-                f(r, "p99_us"),
-                f(r, "cpu_us_per_req"),
-            ]
-        };
-        let series: Vec<(String, Vec<f64>)> = hap
-            .iter()
-            .map(|r| (s(r, "path").to_string(), vals(r)))
-            .collect();
+        let paths: Vec<String> = hap.iter().map(|r| s(r, "path").to_string()).collect();
         bar_chart(
-            &dir.join("haproxy.png"),
-            "lb against HAProxy",
-            "value",
-            &cats,
-            &series,
+            &dir.join("haproxy_cps.png"),
+            "connections per second (a new connection per request)",
+            "connections/s",
+            &paths,
+            &[(
+                "connections/s".into(),
+                hap.iter().map(|r| f(r, "cps")).collect(),
+            )],
         )?;
-        writeln!(w, "\n![lb vs HAProxy](haproxy.png)\n")?;
+        bar_chart(
+            &dir.join("haproxy_latency.png"),
+            "request latency, connect to last byte",
+            "µs",
+            &paths,
+            &[
+                ("p50".into(), hap.iter().map(|r| f(r, "p50_us")).collect()),
+                ("p99".into(), hap.iter().map(|r| f(r, "p99_us")).collect()),
+            ],
+        )?;
+        writeln!(
+            w,
+            "\n![lb vs HAProxy: connections/s](haproxy_cps.png)\n\n![lb vs HAProxy: latency](haproxy_latency.png)\n"
+        )?;
     }
 
     // ---- 4. maglev
