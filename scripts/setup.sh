@@ -7,7 +7,8 @@ set -euo pipefail
 # prometheus: for promtool (the metrics and alert-rule tests); haproxy: the baseline of
 # bench/src/bin/health.rs (Debian's package does not start a service where there is no init)
 # linux-perf: the throughput suite's profiles; fonts-dejavu-core: the report's charts
-need_pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf iproute2 ethtool bpftool procps util-linux prometheus haproxy linux-perf fonts-dejavu-core)
+# bird2: BGP (the agent announces VIPs with it; the multi-LB testbed's router runs it)
+need_pkgs=(rustc-web cargo-web libstd-rust-web-dev-bpf iproute2 ethtool bpftool procps util-linux prometheus haproxy linux-perf fonts-dejavu-core bird2)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

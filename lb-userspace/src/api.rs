@@ -17,8 +17,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{BackendConfig, Forwarding, MacAddr, Protocol, VipConfig, XdpMode};
 
+/// Where the agents keep their sockets and run-time files.
+pub fn run_dir() -> PathBuf {
+    PathBuf::from("/run/lb")
+}
+
 pub fn socket_path(instance: &str) -> PathBuf {
-    PathBuf::from(format!("/run/lb/{instance}.sock"))
+    run_dir().join(format!("{instance}.sock"))
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -229,6 +234,29 @@ pub struct Status {
     #[serde(default)]
     pub modes: BTreeMap<String, crate::health::policy::VipMode>,
     pub pins: PathBuf,
+    /// BGP, when `[bgp]` is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpStatus>,
+}
+
+/// What the agent announces, and its BGP sessions as BIRD reports them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BgpStatus {
+    pub local_asn: u32,
+    pub next_hop: std::net::Ipv4Addr,
+    /// VIP addresses announced now (those with a healthy backend).
+    pub announced: Vec<IpAddr>,
+    pub sessions: Vec<BgpSession>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BgpSession {
+    /// BIRD's protocol name (`n0`, `n1`, ...: the config's neighbours in order).
+    pub name: String,
+    pub neighbor: std::net::Ipv4Addr,
+    /// BIRD's state (`up`, `start`, ...) and its details (`Established`, `Active`, ...).
+    pub state: String,
+    pub info: String,
 }
 
 /// Packets, bytes and new flows counted by the data plane.

@@ -74,6 +74,15 @@ pub const IFACE: &str = "eth0";
 /// The bridge, in `<prefix>-bridge`.
 pub const BRIDGE: &str = "br0";
 pub const MAX_BACKENDS: usize = 50;
+/// LB hosts: 198.18.0.2 (`lb`) to 198.18.0.9 (`lb8`).
+pub const MAX_LBS: usize = 8;
+/// With several LB hosts: the client's network, behind the router.
+pub const CLIENT_NET4: &str = "198.18.1.0/24";
+pub const CLIENT_NET6: &str = "2001:db8:1::/64";
+/// The router's AS and the LB hosts' (one AS for all: the router merges their routes
+/// into one multipath route).
+pub const ROUTER_ASN: u32 = 65000;
+pub const LB_ASN: u32 = 65001;
 
 /// Binaries a testbed runs: processes with one of these names and an argument naming the
 /// prefix are the testbed's.
@@ -89,6 +98,10 @@ pub enum Role {
     Lb,
     /// Backend `i`, 1-based.
     Backend(u8),
+    /// LB host `i` (2-based: the first is [`Role::Lb`]) of a testbed with several.
+    ExtraLb(u8),
+    /// The router in front of several LB hosts (BGP, ECMP).
+    Router,
 }
 
 impl Role {
@@ -98,6 +111,8 @@ impl Role {
             Role::Client => "client".into(),
             Role::Lb => "lb".into(),
             Role::Backend(i) => format!("be{i}"),
+            Role::ExtraLb(i) => format!("lb{i}"),
+            Role::Router => "router".into(),
         }
     }
 
@@ -107,6 +122,8 @@ impl Role {
             Role::Client => 100,
             Role::Lb => 2,
             Role::Backend(i) => 10 + i,
+            Role::ExtraLb(i) => 1 + i,
+            Role::Router => 1,
         }
     }
 
@@ -342,6 +359,10 @@ pub struct TestbedOpts {
     /// Start the servers and the agent in process groups of their own, to outlive the
     /// terminal (for a testbed that is [kept](Testbed::keep)).
     pub detach: bool,
+    /// LB hosts. More than one: the client sits behind a router (its own namespace,
+    /// BIRD 2, multipath routes with an L4 hash) that learns the VIPs from every LB's
+    /// agent by BGP; see [`Testbed::start_agent_on`].
+    pub lbs: usize,
 }
 
 impl Default for TestbedOpts {
@@ -354,6 +375,7 @@ impl Default for TestbedOpts {
             udp_ports: vec![UDP_PORT],
             server_bin: None,
             detach: false,
+            lbs: 1,
         }
     }
 }
@@ -378,6 +400,11 @@ impl TestbedOpts {
         self.detach = detach;
         self
     }
+
+    pub fn lbs(mut self, n: usize) -> Self {
+        self.lbs = n;
+        self
+    }
 }
 
 /// Capacities of the data plane whose `pass` and `decap` programs the testbed attaches
@@ -400,7 +427,10 @@ pub struct Testbed {
     servers: Vec<Process>,
     xdp_pins: Option<PathBuf>,
     server_bin: Option<PathBuf>,
-    agent: Option<Agent>,
+    /// One per LB host (the first is `lb`'s).
+    agents: Vec<Option<Agent>>,
+    /// BIRD on the router (several LB hosts).
+    router_bird: Option<Process>,
     dir: Option<StateDir>,
     torn_down: bool,
 }
@@ -419,6 +449,9 @@ impl Testbed {
     /// prefix exists already (see [`down_prefix`]).
     pub fn up(opts: TestbedOpts) -> Result<Testbed> {
         check_prefix(&opts.prefix)?;
+        if !(1..=MAX_LBS).contains(&opts.lbs) {
+            bail!("lbs: {} is out of range 1..={MAX_LBS}", opts.lbs);
+        }
         if !(1..=MAX_BACKENDS).contains(&opts.backends) {
             bail!(
                 "backends: {} is out of range 1..={MAX_BACKENDS}",
@@ -451,7 +484,8 @@ impl Testbed {
             servers: Vec::new(),
             xdp_pins: None,
             server_bin: None,
-            agent: None,
+            agents: (0..opts.lbs).map(|_| None).collect(),
+            router_bird: None,
             dir: None,
             torn_down: false,
         };
@@ -460,51 +494,80 @@ impl Testbed {
         tb.build_network()?;
         tb.attach_xdp()?;
         tb.start_servers(&server_bin)?;
+        if tb.has_router() {
+            tb.start_router()?;
+        }
         Ok(tb)
+    }
+
+    /// Several LB hosts: a router in front, the client behind it.
+    pub fn has_router(&self) -> bool {
+        self.opts.lbs > 1
     }
 
     fn build_network(&mut self) -> Result<()> {
         let p = &self.prefix;
+        let routed = self.has_router();
         let bridge = Netns::create(&format!("{p}-bridge"))?;
         bridge.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         bridge.ip(&["link", "set", BRIDGE, "up"])?;
         self.bridge = Some(bridge);
+        // Hosts in this order: client, lb, be1..beN, lb2..lbK, router.
         let roles = [Role::Client, Role::Lb]
             .into_iter()
-            .chain((1..=self.opts.backends as u8).map(Role::Backend));
+            .chain((1..=self.opts.backends as u8).map(Role::Backend))
+            .chain((2..=self.opts.lbs as u8).map(Role::ExtraLb))
+            .chain(routed.then_some(Role::Router));
+        let router = Role::Router;
+        // Where the LB hosts and the backends send what is not on the bridge.
+        let gateway = if routed { router } else { Role::Client };
         for role in roles {
             let name = role.name();
             let ns = Netns::create(&format!("{p}-{name}"))?;
             let bridge = self.bridge.as_ref().unwrap();
-            let (a4, a6) = (format!("{}/24", role.v4()), format!("{}/64", role.v6()));
-            veth_pair(
-                &VethEnd {
-                    ns: &ns,
-                    name: IFACE,
-                    mac: role.mac(),
-                    addrs: &[&a4, &a6],
-                },
-                &VethEnd {
-                    ns: bridge,
-                    name: &name,
-                    mac: role.bridge_mac(),
-                    addrs: &[],
-                },
-            )?;
-            bridge.ip(&["link", "set", &name, "master", BRIDGE])?;
-            // Checksum offload would hand XDP (and so the backends) partial checksums.
-            ns.exec(&["ethtool", "-K", IFACE, "tx", "off"])
-                .context("ethtool (installed by scripts/setup.sh)")?;
+            let (mut v4, mut v6) = (role.v4(), role.v6());
+            if role == Role::Client && routed {
+                // Behind the router, on a link of its own.
+                v4 = Ipv4Addr::new(198, 18, 1, 100);
+                v6 = "2001:db8:1::100".parse().unwrap();
+            } else {
+                let (a4, a6) = (format!("{v4}/24"), format!("{v6}/64"));
+                veth_pair(
+                    &VethEnd {
+                        ns: &ns,
+                        name: IFACE,
+                        mac: role.mac(),
+                        addrs: &[&a4, &a6],
+                    },
+                    &VethEnd {
+                        ns: bridge,
+                        name: &name,
+                        mac: role.bridge_mac(),
+                        addrs: &[],
+                    },
+                )?;
+                bridge.ip(&["link", "set", &name, "master", BRIDGE])?;
+                if matches!(role, Role::Lb | Role::ExtraLb(_)) {
+                    // A switch floods frames for a MAC it has not learned (or forgot: a
+                    // port went down) to every port, and XDP sees them whatever their
+                    // destination MAC: an LB would forward another LB's traffic. An LB's
+                    // NIC filters by MAC; here, the bridge does not flood to LB ports.
+                    bridge.exec(&["bridge", "link", "set", "dev", &name, "flood", "off"])?;
+                }
+                // Checksum offload would hand XDP (and so the backends) partial checksums.
+                ns.exec(&["ethtool", "-K", IFACE, "tx", "off"])
+                    .context("ethtool (installed by scripts/setup.sh)")?;
+            }
             let host = Host {
                 role,
                 name,
                 ns,
                 mac: role.mac(),
-                v4: role.v4(),
-                v6: role.v6(),
+                v4,
+                v6,
             };
             match role {
-                Role::Client => {
+                Role::Client if !routed => {
                     let lb = Role::Lb;
                     host.ns
                         .ip(&["route", "add", VIP4_RANGE, "via", &lb.v4().to_string()])?;
@@ -517,20 +580,20 @@ impl Testbed {
                         &lb.v6().to_string(),
                     ])?;
                 }
-                Role::Lb => {
-                    // A default route, as an LB host has (here the client stands in for
-                    // the router): health probes to a VIP are routed by the host, then
-                    // `hc_encap` sends them to their backend.
-                    let client = Role::Client;
+                Role::Client => {} // linked to the router below
+                Role::Lb | Role::ExtraLb(_) => {
+                    // A default route, as an LB host has (without a router the client
+                    // stands in for it): health probes to a VIP are routed by the host,
+                    // then `hc_encap` sends them to their backend.
                     host.ns
-                        .ip(&["route", "add", "default", "via", &client.v4().to_string()])?;
+                        .ip(&["route", "add", "default", "via", &gateway.v4().to_string()])?;
                     host.ns.ip(&[
                         "-6",
                         "route",
                         "add",
                         "default",
                         "via",
-                        &client.v6().to_string(),
+                        &gateway.v6().to_string(),
                     ])?;
                 }
                 Role::Backend(_) => {
@@ -546,28 +609,137 @@ impl Testbed {
                     }
                     host.ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
                     host.ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
-                    // IPv6 has no arp_announce: the backend would solicit the client's
-                    // MAC from the VIP, and the client's answer would follow its route to
-                    // the VIPs (the LB), losing the first reply of each backend. On a
-                    // real network the backend's next hop is a router; here, a static entry.
-                    let client = Role::Client;
+                    if routed {
+                        host.ns.ip(&[
+                            "route",
+                            "add",
+                            CLIENT_NET4,
+                            "via",
+                            &router.v4().to_string(),
+                        ])?;
+                        host.ns.ip(&[
+                            "-6",
+                            "route",
+                            "add",
+                            CLIENT_NET6,
+                            "via",
+                            &router.v6().to_string(),
+                        ])?;
+                    }
+                    // IPv6 has no arp_announce: the backend would solicit its next hop's
+                    // MAC from the VIP, and the answer would follow the route to the VIPs
+                    // (an LB), losing the first reply of each backend. Here, a static entry.
                     host.ns.ip(&[
                         "-6",
                         "neigh",
                         "replace",
-                        &client.v6().to_string(),
+                        &gateway.v6().to_string(),
                         "lladdr",
-                        &fmt_mac(client.mac()),
+                        &fmt_mac(gateway.mac()),
                         "dev",
                         IFACE,
                         "nud",
                         "permanent",
                     ])?;
                 }
+                Role::Router => {
+                    for (k, v) in [
+                        ("net.ipv4.ip_forward", "1"),
+                        ("net.ipv6.conf.all.forwarding", "1"),
+                        // ECMP by the 5-tuple, not by addresses only.
+                        ("net.ipv4.fib_multipath_hash_policy", "1"),
+                        ("net.ipv6.fib_multipath_hash_policy", "1"),
+                        ("net.ipv4.conf.all.rp_filter", "0"),
+                        ("net.ipv4.conf.default.rp_filter", "0"),
+                    ] {
+                        host.ns.sysctl(k, v)?;
+                    }
+                }
             }
             self.hosts.push(host);
         }
+        if routed {
+            let (client, router) = (&self.hosts[0], self.hosts.last().unwrap());
+            veth_pair(
+                &VethEnd {
+                    ns: &client.ns,
+                    name: IFACE,
+                    mac: Role::Client.mac(),
+                    addrs: &["198.18.1.100/24", "2001:db8:1::100/64"],
+                },
+                &VethEnd {
+                    ns: &router.ns,
+                    name: "eth1",
+                    mac: [0x02, 0x1b, 0, 0, 2, 1],
+                    addrs: &["198.18.1.1/24", "2001:db8:1::1/64"],
+                },
+            )?;
+            for h in [client, router] {
+                for i in ["eth0", "eth1"] {
+                    if h.ns.ip(&["link", "show", i]).is_ok() {
+                        h.ns.exec(&["ethtool", "-K", i, "tx", "off"])?;
+                    }
+                }
+            }
+            client
+                .ns
+                .ip(&["route", "add", "default", "via", "198.18.1.1"])?;
+            client
+                .ns
+                .ip(&["-6", "route", "add", "default", "via", "2001:db8:1::1"])?;
+        }
         Ok(())
+    }
+
+    /// BIRD on the router: a BGP session with every LB host (BFD on), their VIP routes
+    /// merged into multipath routes in the kernel.
+    fn start_router(&mut self) -> Result<()> {
+        let conf = self.dir().join("router-bird.conf");
+        let mut c = format!(
+            "router id {r};\nlog stderr all;\nprotocol device {{ scan time 1; }}\n\
+             protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+             protocol kernel {{ ipv6 {{ import none; export all; }}; merge paths on; }}\n\
+             protocol bfd {{ interface \"{IFACE}\" {{ interval 100 ms; multiplier 3; }}; }}\n\
+             template bgp lbs {{\n  local {r} as {ROUTER_ASN};\n  hold time 3; keepalive time 1;\n  \
+             connect delay time 1; connect retry time 1; error wait time 1, 5;\n  bfd on;\n  \
+             ipv4 {{ import all; export none; }};\n  ipv6 {{ import all; export none; }};\n}}\n",
+            r = Role::Router.v4()
+        );
+        for h in self.lbs() {
+            c += &format!(
+                "protocol bgp {} from lbs {{ neighbor {} as {LB_ASN}; }}\n",
+                h.name, h.v4
+            );
+        }
+        fs::write(&conf, c)?;
+        let sock = self.dir().join("router-bird.ctl");
+        let log = self.dir().join("router-bird.log");
+        let conf_s = conf.display().to_string();
+        let sock_s = sock.display().to_string();
+        let router = self.router().context("no router")?;
+        let p = Process::spawn(
+            &router.ns,
+            Path::new("bird"),
+            &["-f", "-c", &conf_s, "-s", &sock_s],
+            &log,
+            self.opts.detach,
+        )
+        .context("starting BIRD on the router (Debian's bird2; scripts/setup.sh)")?;
+        self.router_bird = Some(p);
+        Ok(())
+    }
+
+    /// `birdc` on the router's BIRD.
+    pub fn router_birdc(&self, args: &[&str]) -> Result<String> {
+        let sock = self.dir().join("router-bird.ctl");
+        lb_userspace::bgp::birdc(&sock, args)
+    }
+
+    /// The router's route to `dst` (`ip route show`), e.g. the multipath route to a VIP.
+    pub fn router_route(&self, dst: IpAddr) -> Result<String> {
+        let r = self.router().context("no router")?;
+        let fam = if dst.is_ipv6() { "-6" } else { "-4" };
+        r.ns.ip(&[fam, "route", "show", &dst.to_string()])
     }
 
     /// `pass` on the LB's bridge port (frames the LB sends with XDP_TX arrive there as XDP
@@ -579,7 +751,15 @@ impl Testbed {
         self.xdp_pins = Some(dir.clone());
         let mut dp = Dataplane::load_at(XDP_SIZES, &dir)?;
         let bridge = self.bridge.as_ref().unwrap();
-        attach_pinned(&mut dp, bridge, "lb", "pass", &dir.join("pass-lb"))?;
+        for lb in self.lbs() {
+            attach_pinned(
+                &mut dp,
+                bridge,
+                &lb.name,
+                "pass",
+                &dir.join(format!("pass-{}", lb.name)),
+            )?;
+        }
         for be in self.backends() {
             attach_pinned(
                 &mut dp,
@@ -698,10 +878,23 @@ impl Testbed {
     }
 
     pub fn backends(&self) -> &[Host] {
-        &self.hosts[2..]
+        &self.hosts[2..2 + self.opts.backends]
     }
 
-    /// Client, LB, backends.
+    /// Every LB host: `lb`, then `lb2`, `lb3`, ...
+    pub fn lbs(&self) -> Vec<&Host> {
+        let extra = &self.hosts[2 + self.opts.backends..];
+        std::iter::once(&self.hosts[1])
+            .chain(extra.iter().filter(|h| matches!(h.role, Role::ExtraLb(_))))
+            .collect()
+    }
+
+    /// The router in front of several LB hosts.
+    pub fn router(&self) -> Option<&Host> {
+        self.hosts.iter().find(|h| h.role == Role::Router)
+    }
+
+    /// Client, LB, backends (then the other LB hosts and the router, if any).
     pub fn hosts(&self) -> &[Host] {
         &self.hosts
     }
@@ -719,6 +912,12 @@ impl Testbed {
     /// The agent's instance name: `<prefix>-lb`.
     pub fn instance(&self) -> String {
         format!("{}-lb", self.prefix)
+    }
+
+    /// The instance name of the agent on LB host `k` (0-based): `<prefix>-lb`,
+    /// `<prefix>-lb2`, ...
+    pub fn instance_on(&self, k: usize) -> String {
+        format!("{}-{}", self.prefix, self.lbs()[k].name)
     }
 
     /// Where [`Testbed::start_agent`] writes the agent's config.
@@ -787,26 +986,95 @@ max_conns = 65536
     /// Write `cfg` to [`Testbed::config_path`] and start `lb agent` on the LB as instance
     /// `<prefix>-lb`; returns once it answers. Stopped (and unpinned) with the testbed.
     pub fn start_agent(&mut self, cfg: &Config) -> Result<&Agent> {
-        if self.agent.is_some() {
-            bail!("the agent is running already");
+        self.start_agent_on(0, cfg)
+    }
+
+    /// [`Testbed::start_agent`] on LB host `k` (0-based), instance
+    /// [`Testbed::instance_on`], config `lb.toml`, `lb2.toml`, ...
+    pub fn start_agent_on(&mut self, k: usize, cfg: &Config) -> Result<&Agent> {
+        if self.agents[k].is_some() {
+            bail!("the agent on {} is running already", self.lbs()[k].name);
         }
-        let path = self.config_path();
+        let path = self.config_path_on(k);
         cfg.save(&path)?;
-        let mut agent = Agent::with_instance(&self.hosts[1].ns, &path, &self.instance());
+        let mut agent = Agent::with_instance(&self.lbs()[k].ns, &path, &self.instance_on(k));
         if self.opts.detach {
             agent = agent.in_own_process_group();
         }
         agent.spawn()?;
-        Ok(self.agent.insert(agent))
+        Ok(self.agents[k].insert(agent))
+    }
+
+    /// Where the agent of LB host `k` keeps its config.
+    pub fn config_path_on(&self, k: usize) -> PathBuf {
+        if k == 0 {
+            self.config_path()
+        } else {
+            self.dir().join(format!("{}.toml", self.lbs()[k].name))
+        }
+    }
+
+    /// The `[bgp]` table for LB host `k`: its addresses as next hops, the router as the
+    /// one neighbour.
+    pub fn bgp_config_on(&self, k: usize) -> lb_userspace::config::bgp::BgpConfig {
+        let h = self.lbs()[k];
+        lb_userspace::config::bgp::BgpConfig {
+            local_asn: LB_ASN,
+            next_hop: h.v4,
+            next_hop_v6: Some(h.v6),
+            router_id: None,
+            hold_time_s: 3,
+            bfd: true,
+            bfd_interval_ms: 100,
+            neighbors: vec![lb_userspace::config::bgp::Neighbor {
+                address: Role::Router.v4(),
+                asn: ROUTER_ASN,
+            }],
+            bird: "bird".into(),
+        }
+    }
+
+    /// [`Testbed::agent_config`] for LB host `k`, with its `[bgp]` when there is a router.
+    pub fn agent_config_on(&self, k: usize, vips: &[VipSpec]) -> Result<Config> {
+        let mut cfg = self.agent_config(vips)?;
+        if self.has_router() {
+            cfg.bgp = Some(self.bgp_config_on(k));
+        }
+        cfg.validate()
+            .map_err(|e| anyhow!("testbed agent config: {e}"))?;
+        Ok(cfg)
     }
 
     /// The running agent (see [`Testbed::start_agent`]).
     pub fn agent(&self) -> Option<&Agent> {
-        self.agent.as_ref()
+        self.agents[0].as_ref()
     }
 
     pub fn agent_mut(&mut self) -> Option<&mut Agent> {
-        self.agent.as_mut()
+        self.agents[0].as_mut()
+    }
+
+    /// The agent of LB host `k`.
+    pub fn agent_on(&self, k: usize) -> Option<&Agent> {
+        self.agents[k].as_ref()
+    }
+
+    pub fn agent_on_mut(&mut self, k: usize) -> Option<&mut Agent> {
+        self.agents[k].as_mut()
+    }
+
+    /// Forget the agent of LB host `k` without stopping it (it was killed, or a test
+    /// stops it itself); its data plane stays until the testbed goes.
+    pub fn take_agent_on(&mut self, k: usize) -> Option<Agent> {
+        self.agents[k].take()
+    }
+
+    /// `lb --instance <instance of LB host k> args...`
+    pub fn lb_on(&self, k: usize, args: &[&str]) -> LbOut {
+        let inst = self.instance_on(k);
+        let mut a = vec!["--instance", inst.as_str()];
+        a.extend_from_slice(args);
+        lb(&a)
     }
 
     /// `lb --instance <prefix>-lb args...`
@@ -883,6 +1151,40 @@ max_conns = 65536
         self.in_client(|| udp_request(addr, payload, Duration::from_secs(2)))?
     }
 
+    /// The live Maglev ring of `spec` on LB host `k`, slot by slot, as backend addresses
+    /// (read from the agent's pinned maps): what every LB host must agree on.
+    pub fn ring_on(&self, k: usize, spec: &VipSpec) -> Result<Vec<IpAddr>> {
+        use aya::maps::{Array, HashMap};
+        use lb_common::{Backend, VipKey, VipMeta};
+        let dir = lb_userspace::agent::pin_dir(&self.instance_on(k));
+        let open = |name: &str| {
+            MapData::from_pin(dir.join(name)).with_context(|| format!("{}/{name}", dir.display()))
+        };
+        let key = lb_userspace::reconcile::vip_key(&self.vip_config(spec));
+        let vips: HashMap<MapData, VipKey, VipMeta> =
+            HashMap::try_from(Map::HashMap(open("VIPS")?))?;
+        let meta = vips.get(&key, 0).context("VIP not in VIPS")?;
+        let rings: Array<MapData, [u32; 2]> = Array::try_from(Map::Array(open("RINGS")?))?;
+        let backends: Array<MapData, Backend> = Array::try_from(Map::Array(open("BACKENDS")?))?;
+        let mut out = Vec::with_capacity(meta.ring_size as usize);
+        let mut cache = std::collections::HashMap::new();
+        for s in 0..meta.ring_size {
+            let g = meta.ring_base + s;
+            let id = rings.get(&(g / 2), 0)?[(g % 2) as usize];
+            let addr = match cache.get(&id) {
+                Some(a) => *a,
+                None => {
+                    let b = backends.get(&id, 0)?;
+                    let a = lb_userspace::dataplane::ip_from_raw(b.addr, b.family);
+                    cache.insert(id, a);
+                    a
+                }
+            };
+            out.push(addr);
+        }
+        Ok(out)
+    }
+
     /// Health probes the LB encapsulated to backends (`HC_STATS[Sent]`): the backends'
     /// decap counts them too.
     pub fn hc_encapsulated(&self) -> Result<u64> {
@@ -923,8 +1225,14 @@ max_conns = 65536
         );
         for h in &self.hosts {
             let what = match h.role {
+                Role::Client if self.has_router() => "behind the router".to_string(),
                 Role::Client => format!("routes {VIP4_RANGE}, {VIP6_RANGE} via the LB"),
                 Role::Lb => format!("XDP lb (agent {})", self.instance()),
+                Role::ExtraLb(_) => "XDP lb (agent <prefix>-<host>), BGP to the router".into(),
+                Role::Router => format!(
+                    "BIRD: BGP with every LB (AS {LB_ASN}), multipath to the VIPs; eth1 \
+                     198.18.1.1 to the client"
+                ),
                 Role::Backend(_) => format!(
                     "XDP decap; VIP ranges local; server: http {:?}, udp echo {:?}",
                     self.opts.tcp_ports, self.opts.udp_ports
@@ -945,11 +1253,10 @@ max_conns = 65536
             self.instance()
         );
         s += &format!("  state:  {}\n", self.dir().display());
-        let cfg = self
-            .agent
+        let cfg = self.agents[0]
             .as_ref()
             .and_then(|a| Config::load(a.config()).ok());
-        if let (Some(a), Some(cfg)) = (&self.agent, cfg) {
+        if let (Some(a), Some(cfg)) = (&self.agents[0], cfg) {
             s += &format!(
                 "\nagent {} (pid {}) on {}/{IFACE}: config {}, log {}\n",
                 a.instance(),
@@ -1019,8 +1326,10 @@ max_conns = 65536
             return Ok(());
         }
         self.torn_down = true;
-        // The agent guard stops it the operator's way: `lb agent --stop` detaches and unpins.
-        drop(self.agent.take());
+        // The agent guards stop them the operator's way: `lb agent --stop` detaches and
+        // unpins.
+        self.agents.clear();
+        drop(self.router_bird.take());
         self.servers.clear();
         // Anything else running in the namespaces (e.g. started by a test) keeps them alive.
         kill_processes(&self.prefix)?;
@@ -1481,50 +1790,87 @@ fn http_get_on(
     path: &str,
     timeout: Duration,
 ) -> Result<HttpReply> {
-    {
-        let local = s.local_addr()?;
+    let local = s.local_addr()?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    read_reply(&mut BufReader::new(s), local)
+}
+
+/// One response (status line, headers, a body of `Content-Length` bytes).
+fn read_reply(r: &mut BufReader<TcpStream>, local: SocketAddr) -> Result<HttpReply> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        bail!("connection closed before the status line");
+    }
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line {line:?}"))?;
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 {
+            bail!("connection closed in the headers");
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| anyhow!("bad header {h:?}"))?;
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let mut reply = HttpReply {
+        local,
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    let len: usize = reply
+        .header("content-length")
+        .and_then(|l| l.parse().ok())
+        .ok_or_else(|| anyhow!("no Content-Length"))?;
+    reply.body = vec![0; len];
+    r.read_exact(&mut reply.body)?;
+    Ok(reply)
+}
+
+/// An HTTP/1.1 keep-alive connection: request after request on one flow (one 5-tuple),
+/// as a long-lived client connection is. Open it in the client's namespace.
+pub struct HttpConn {
+    r: BufReader<TcpStream>,
+    addr: SocketAddr,
+    pub local: SocketAddr,
+}
+
+impl HttpConn {
+    pub fn open(addr: SocketAddr, timeout: Duration) -> Result<HttpConn> {
+        let s = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("connecting to {addr}"))?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
+        s.set_nodelay(true)?;
+        Ok(HttpConn {
+            local: s.local_addr()?,
+            r: BufReader::new(s),
+            addr,
+        })
+    }
+
+    /// `GET path` on this connection.
+    pub fn get(&mut self, path: &str) -> Result<HttpReply> {
         write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            self.r.get_mut(),
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            self.addr
         )?;
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        r.read_line(&mut line)?;
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("bad status line {line:?}"))?;
-        let mut headers = Vec::new();
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h)? == 0 {
-                bail!("connection closed in the headers");
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            let (k, v) = h
-                .split_once(':')
-                .ok_or_else(|| anyhow!("bad header {h:?}"))?;
-            headers.push((k.trim().to_string(), v.trim().to_string()));
-        }
-        let mut reply = HttpReply {
-            local,
-            status,
-            headers,
-            body: Vec::new(),
-        };
-        let len: usize = reply
-            .header("content-length")
-            .and_then(|l| l.parse().ok())
-            .ok_or_else(|| anyhow!("no Content-Length"))?;
-        reply.body = vec![0; len];
-        r.read_exact(&mut reply.body)?;
-        Ok(reply)
+        read_reply(&mut self.r, self.local)
     }
 }
 

@@ -37,6 +37,7 @@ fn config(backends: &[(u8, u32)]) -> Config {
             encap_source_v6: None,
             metrics: lb_userspace::config::Listen::Off,
         },
+        bgp: None,
         vips: vec![VipConfig {
             name: "web".into(),
             address: v4(10, 1),

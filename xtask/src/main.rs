@@ -55,6 +55,9 @@ enum TestbedCmd {
         prefix: String,
         #[arg(long, default_value_t = 3)]
         backends: usize,
+        /// LB hosts; more than one puts a router (BIRD, BGP, ECMP) in front of them.
+        #[arg(long, default_value_t = 1)]
+        lbs: usize,
     },
     /// Remove everything named `<prefix>-...`: processes, XDP programs and pins,
     /// namespaces, sockets, files (also what a crashed run left).
@@ -283,7 +286,11 @@ fn run_cli(cli: Cli) -> Result<()> {
         }
         Cmd::Testbed { cmd } => {
             let args = match cmd {
-                TestbedCmd::Up { prefix, backends } => {
+                TestbedCmd::Up {
+                    prefix,
+                    backends,
+                    lbs,
+                } => {
                     setup()?;
                     // The testbed runs `lb` and `lb-testbed-server`: build them current.
                     run(Command::new(&cargo).current_dir(root()).args([
@@ -301,6 +308,8 @@ fn run_cli(cli: Cli) -> Result<()> {
                         prefix,
                         "--backends".into(),
                         backends.to_string(),
+                        "--lbs".into(),
+                        lbs.to_string(),
                     ]
                 }
                 TestbedCmd::Down { prefix } => vec!["down".into(), "--prefix".into(), prefix],

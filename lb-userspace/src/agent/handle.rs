@@ -167,6 +167,7 @@ impl Agent {
                     .filter(|(_, m)| m.panic || m.backups)
                     .map(|(k, m)| (k.clone(), *m))
                     .collect(),
+                bgp: self.bgp_status(),
             }),
             Request::Events { .. } => Reply::Events(self.events.recent()),
             Request::Stats => Reply::Stats(self.stats()?),
@@ -196,6 +197,36 @@ impl Agent {
     }
 
     /// Every checked backend: state, why, last check, availability.
+    fn bgp_status(&self) -> Option<crate::api::BgpStatus> {
+        let (c, s) = (self.cfg.bgp.as_ref()?, self.bgp.as_ref()?);
+        let sessions = s.sessions();
+        Some(crate::api::BgpStatus {
+            local_asn: c.local_asn,
+            next_hop: c.next_hop,
+            announced: s.announced().iter().copied().collect(),
+            sessions: c
+                .neighbors
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let name = format!("n{i}");
+                    let (state, info) = sessions
+                        .iter()
+                        .find(|x| x.0 == name)
+                        .map_or(("?".into(), "BIRD does not answer".into()), |x| {
+                            (x.1.clone(), x.2.clone())
+                        });
+                    crate::api::BgpSession {
+                        name,
+                        neighbor: n.address,
+                        state,
+                        info,
+                    }
+                })
+                .collect(),
+        })
+    }
+
     fn health_rows(&self) -> Vec<HealthRow> {
         let now = std::time::Instant::now();
         let ms = |t: std::time::SystemTime| {

@@ -81,6 +81,8 @@ pub struct Agent {
     pub(crate) mtu: u32,
     /// How this agent found the data plane at start.
     pub(crate) start: Start,
+    /// BIRD, announcing the VIPs (`[bgp]`).
+    pub(crate) bgp: Option<crate::bgp::Speaker>,
     lock: Option<InstanceLock>,
 }
 
@@ -197,9 +199,11 @@ impl Agent {
             applied,
             mtu,
             start,
+            bgp: None,
             lock: Some(lock),
         };
         agent.sync_checks(false);
+        agent.sync_bgp()?;
         Ok(agent)
     }
 
@@ -373,6 +377,61 @@ impl Agent {
             }
             Err(e) => error!(error = %format!("{e:#}"), why, "applying"),
         }
+        self.sync_bgp_logged();
+    }
+
+    /// Start, reconfigure or stop BIRD as `[bgp]` says, and announce exactly the VIP
+    /// addresses that have a healthy backend in what runs (`eff`).
+    fn sync_bgp(&mut self) -> Result<()> {
+        match (&self.cfg.bgp, self.bgp.as_mut()) {
+            (None, None) => return Ok(()),
+            (None, Some(_)) => {
+                self.bgp = None; // stops BIRD: the routers withdraw everything
+                self.events
+                    .push("-", None, "bgp stopped", "[bgp] removed from the config");
+                return Ok(());
+            }
+            (Some(c), None) => self.bgp = Some(crate::bgp::Speaker::start(c, &self.instance)?),
+            (Some(c), Some(s)) => s.reconfigure(c)?,
+        }
+        let want = crate::bgp::wanted(&self.eff);
+        let speaker = self.bgp.as_mut().expect("started above");
+        let (added, removed) = speaker.announce(&want)?;
+        for a in added {
+            self.events.push(
+                &want[&a].join(","),
+                None,
+                "announced",
+                &format!("{a}: a VIP on it has a healthy backend"),
+            );
+        }
+        for a in removed {
+            let names: Vec<String> = self
+                .cfg
+                .vips
+                .iter()
+                .filter(|v| v.address == a)
+                .map(|v| v.name.clone())
+                .collect();
+            let why = if names.is_empty() {
+                format!("{a}: no VIP on it any more")
+            } else {
+                format!("{a}: no VIP on it has a healthy backend")
+            };
+            let label = if names.is_empty() {
+                a.to_string()
+            } else {
+                names.join(",")
+            };
+            self.events.push(&label, None, "withdrawn", &why);
+        }
+        Ok(())
+    }
+
+    fn sync_bgp_logged(&mut self) {
+        if let Err(e) = self.sync_bgp() {
+            error!(error = %format!("{e:#}"), "bgp");
+        }
     }
 
     /// A Prometheus scrape: the data plane's counters and the health state, now.
@@ -459,6 +518,9 @@ impl Agent {
             self.rerun("slow start");
         }
         self.end_drains();
+        if let Some(b) = &mut self.bgp {
+            b.tick();
+        }
     }
 
     /// Backends whose drain timeout has passed leave their VIP (written to the file).
@@ -495,6 +557,8 @@ impl Agent {
 
     /// Let go of the instance (at exit): the lock file goes, the data plane stays.
     pub fn release(&mut self) {
+        // BIRD goes first: the routers withdraw this host before it stops answering.
+        self.bgp = None;
         if let Some(l) = self.lock.take() {
             l.release();
         }
@@ -539,6 +603,7 @@ impl Agent {
                 self.mtu = mtu;
                 log_changes(&changes, why, None);
                 self.sync_checks(true);
+                self.sync_bgp_logged();
                 Ok(changes)
             }
             Err(e) => {
@@ -582,6 +647,7 @@ impl Agent {
         self.cfg = new.clone();
         self.eff = eff;
         self.sync_checks(true);
+        self.sync_bgp_logged();
         if persist {
             new.save(&self.config_path)?;
         }

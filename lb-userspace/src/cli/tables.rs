@@ -223,6 +223,25 @@ fn status(s: &Status) -> String {
         c.set_padding((0, 2));
     }
     let mut out = text(&t);
+    if let Some(b) = &s.bgp {
+        let ann: Vec<String> = b.announced.iter().map(ToString::to_string).collect();
+        out += &format!(
+            "bgp: AS {} next hop {}; announcing {}\n",
+            b.local_asn,
+            b.next_hop,
+            if ann.is_empty() {
+                "nothing (no VIP has a healthy backend)".to_string()
+            } else {
+                ann.join(", ")
+            }
+        );
+        for n in &b.sessions {
+            out += &format!(
+                "  neighbour {} ({}): {} {}\n",
+                n.neighbor, n.name, n.state, n.info
+            );
+        }
+    }
     for (vip, m) in &s.modes {
         if m.panic {
             out += &format!(

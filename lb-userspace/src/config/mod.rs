@@ -15,6 +15,7 @@ use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::maglev::{is_prime, next_prime};
 
+pub mod bgp;
 mod file;
 pub mod health;
 
@@ -27,6 +28,9 @@ pub const DEFAULT_WEIGHT: u32 = 100;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub agent: AgentConfig,
+    /// Announce the VIPs by BGP (several LB hosts behind ECMP); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<bgp::BgpConfig>,
     #[serde(default, rename = "vip", skip_serializing_if = "Vec::is_empty")]
     pub vips: Vec<VipConfig>,
 }
@@ -532,6 +536,9 @@ impl Config {
                 );
             }
             backends += v.backends.len();
+        }
+        if let Some(b) = &self.bgp {
+            b.validate(&self.vips)?;
         }
         // Every backend of every VIP has an id of its own (an address in two VIPs, two).
         if backends > a.max_backends as usize {
@@ -1294,6 +1301,7 @@ backends = [
                 encap_source_v6: Some("2001:db8:fe::/96".parse().unwrap()),
                 metrics: Listen::At("[::1]:9100".parse().unwrap()),
             },
+            bgp: None,
             vips: vec![
                 VipConfig {
                     name: "a".into(),

@@ -4,6 +4,9 @@
 //! the agent's own counters, then takes a backend out, drains another, restores both; then
 //! kills a backend's server and lets the health checks take it out and bring it back, and
 //! tears everything down. Every change goes through the `lb` CLI, as an operator's would.
+//! Then scale-out: three LB hosts behind a router that learns the VIP from each by BGP;
+//! one LB's agent is killed (kill -9) while connections talk through it, the router drops
+//! it, the connections carry on through the others, and it comes back.
 use std::{
     collections::BTreeMap,
     io::Write,
@@ -290,6 +293,151 @@ fn main() -> Result<()> {
     demo.step("tearing down (agent stopped, pins, namespaces and processes removed)");
     let start = demo.start;
     drop(demo);
+    scale_out(&format!("{prefix}x"), start)?;
     println!("\ndone in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The scale-out act: three LB hosts, a router, BGP, ECMP.
+fn scale_out(prefix: &str, start: Instant) -> Result<()> {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    };
+    let step = |what: &str| println!("\n[{:5.1}s] {what}", start.elapsed().as_secs_f64());
+    step(&format!(
+        "scale-out: a new testbed ({prefix}-*) with 3 LB hosts behind a router (BIRD: BGP \
+         with each, multipath routes hashed by 5-tuple), the client behind the router"
+    ));
+    let mut tb = Testbed::up(TestbedOpts::default().prefix(prefix).backends(3).lbs(3))?;
+    let web = VipSpec::tcp("web4", "198.18.10.1".parse::<IpAddr>()?, Forwarding::Ipip);
+    for k in 0..3 {
+        let cfg = tb.agent_config_on(k, std::slice::from_ref(&web))?;
+        tb.start_agent_on(k, &cfg)?;
+    }
+    let hops = |tb: &Testbed| {
+        tb.router_route(web.address)
+            .map(|r| r.matches(" via ").count())
+            .unwrap_or(0)
+    };
+    let t = Instant::now();
+    while hops(&tb) < 3 {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(15),
+            "the router learned no route"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "  every agent announces {} ([bgp] in its config); the router's route, {:.1}s after \
+         the agents started:",
+        web.address,
+        t.elapsed().as_secs_f64()
+    );
+    for l in tb.router_route(web.address)?.lines() {
+        println!("    {}", l.trim());
+    }
+    let out = tb.lb_on(1, &["status"]);
+    for l in out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("bgp") || l.contains("neighbour"))
+    {
+        println!("    lb2$ {}", l.trim());
+    }
+    let packets = |tb: &Testbed| -> Vec<u64> {
+        (0..3)
+            .map(|k| {
+                let out = tb.lb_on(k, &["--json", "stats"]);
+                serde_json::from_str::<serde_json::Value>(&out.stdout)
+                    .ok()
+                    .and_then(|v| v["vips"][0]["packets"].as_u64())
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    step(&format!(
+        "{REQUESTS} new connections from the client to {}",
+        web.socket_addr()
+    ));
+    let before = packets(&tb);
+    let addr = web.socket_addr();
+    let mut hits: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..REQUESTS {
+        let r = tb.http_get(addr, "/")?;
+        *hits.entry(r.backend().to_string()).or_default() += 1;
+    }
+    let after = packets(&tb);
+    for (k, h) in tb.lbs().iter().enumerate() {
+        println!(
+            "  {:<4} carried {:>5} packets",
+            h.name,
+            after[k] - before[k]
+        );
+    }
+    println!("  answered by {hits:?}");
+
+    step("20 long-lived connections talk (a request every 20 ms each); lb2's agent is killed (kill -9)");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let talkers: Vec<_> = (0..20)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            lb_tests::netns::spawn_in_netns(tb.client().netns(), move || {
+                let Ok(mut c) = lb_tests::testbed::HttpConn::open(addr, Duration::from_secs(5))
+                else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    if c.get("/").is_ok_and(|r| r.status == 200) {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut agent = tb.take_agent_on(1).context("no agent on lb2")?;
+    let t = Instant::now();
+    agent.kill9()?;
+    while hops(&tb) > 2 {
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(5), "lb2 still announced");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!(
+        "  the router dropped lb2 {:.0} ms after the kill (its BIRD died with the agent, the \
+         session closed); its flows now reach lb and lb3, which pick the same backends",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    step("lb2's agent is started again: it adopts its data plane and announces again");
+    std::mem::forget(agent); // its guard would stop (unpin) the instance the new one adopts
+    let cfg = lb_userspace::config::Config::load(&tb.config_path_on(1))?;
+    tb.start_agent_on(1, &cfg)?;
+    let t = Instant::now();
+    while hops(&tb) < 3 {
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(15), "lb2 not back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "  back in the route after {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    for t in talkers {
+        let _ = t.join();
+    }
+    println!(
+        "  the 20 connections: {} requests answered, {} connections broken",
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+    step("tearing down the scale-out testbed");
+    tb.down()
 }

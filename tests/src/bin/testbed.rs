@@ -2,8 +2,12 @@
 //! running for people (and the demo) to use.
 //!
 //! ```text
-//! testbed up   [--prefix lbtb] [--backends 3]   build it, start the agent with a TCP and a
-//!                                               UDP VIP per forwarding path, print it all
+//! testbed up   [--prefix lbtb] [--backends 3] [--lbs 1]
+//!                                               build it, start the agent (on every LB
+//!                                               host: with --lbs N > 1 a router in front
+//!                                               learns the VIPs from each by BGP) with a
+//!                                               TCP and a UDP VIP per forwarding path,
+//!                                               print it all
 //! testbed down [--prefix lbtb]                  remove everything named <prefix>-...
 //! ```
 use std::process::ExitCode;
@@ -11,12 +15,13 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use lb_tests::testbed::{down_prefix, standard_vips, Testbed, TestbedOpts};
 
-const USAGE: &str = "usage: testbed up [--prefix P] [--backends N] | testbed down [--prefix P]";
+const USAGE: &str =
+    "usage: testbed up [--prefix P] [--backends N] [--lbs N] | testbed down [--prefix P]";
 
 fn run() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let cmd = args.next().unwrap_or_default();
-    let (mut prefix, mut backends) = ("lbtb".to_string(), 3usize);
+    let (mut prefix, mut backends, mut lbs) = ("lbtb".to_string(), 3usize, 1usize);
     while let Some(a) = args.next() {
         let val = args
             .next()
@@ -24,6 +29,7 @@ fn run() -> Result<()> {
         match a.as_str() {
             "--prefix" => prefix = val,
             "--backends" => backends = val.parse().context("--backends")?,
+            "--lbs" => lbs = val.parse().context("--lbs")?,
             _ => bail!("unknown argument {a}\n{USAGE}"),
         }
     }
@@ -33,10 +39,13 @@ fn run() -> Result<()> {
                 TestbedOpts::default()
                     .prefix(&prefix)
                     .backends(backends)
+                    .lbs(lbs)
                     .detach(true),
             )?;
-            let cfg = tb.agent_config(&standard_vips())?;
-            tb.start_agent(&cfg)?;
+            for k in 0..lbs {
+                let cfg = tb.agent_config_on(k, &standard_vips())?;
+                tb.start_agent_on(k, &cfg)?;
+            }
             print!("{}", tb.describe());
             println!("  cargo xtask testbed down --prefix {prefix}   (removes it all)");
             tb.keep();

@@ -1,0 +1,409 @@
+//! Several LB hosts behind a router, with a real routing daemon: every LB's agent announces
+//! the VIPs by BGP (BIRD 2), the router (BIRD 2 too) installs one multipath route over all
+//! of them and spreads flows by their 5-tuple. Because every LB builds the same rings, the
+//! router may move a flow from one LB to another at any time and it still reaches its
+//! backend: an LB killed, an LB's link cut, an LB added back, a backend that fails for all.
+//! Expected figures come from the setup (three LBs, the configured timers), not from the
+//! agents.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Result};
+use lb_tests::{
+    netns::{spawn_in_netns, unique_name},
+    support::{try_wait_for, StopOnDrop},
+    testbed::{http_get, HttpConn, Testbed, TestbedOpts, VipSpec},
+};
+use lb_userspace::config::{Forwarding, HealthSpec, Via};
+
+const LBS: usize = 3;
+/// The longest the router may take to drop a lost LB: BFD 100 ms x 3, and BIRD's own
+/// reaction, with room for a loaded machine (the BGP hold time, 3 s, is the fallback).
+const WITHDRAW: Duration = Duration::from_secs(3);
+
+fn web() -> VipSpec {
+    let mut v = VipSpec::tcp("web", IpAddr::from([198, 18, 10, 1]), Forwarding::Ipip);
+    v.health = Some(HealthSpec {
+        via: Some(Via::Tunnel),
+        interval_ms: Some(100),
+        timeout_ms: Some(100),
+        fall: Some(2),
+        rise: Some(2),
+        ..Default::default()
+    });
+    v
+}
+
+fn web6() -> VipSpec {
+    VipSpec::tcp(
+        "web6",
+        "2001:db8:10::1".parse::<IpAddr>().unwrap(),
+        Forwarding::Gue,
+    )
+    .with_backends_v6(true)
+}
+
+/// Three LB hosts, three backends, an agent on each LB with the same VIPs (the third
+/// lists its backends in the opposite order: rings must not depend on it).
+fn cluster() -> Result<Testbed> {
+    let mut tb = Testbed::up(
+        TestbedOpts::default()
+            .prefix(&unique_name("lbso"))
+            .lbs(LBS)
+            .server_bin(env!("CARGO_BIN_EXE_lb-testbed-server")),
+    )?;
+    let vips = [web(), web6()];
+    for k in 0..LBS {
+        let mut cfg = tb.agent_config_on(k, &vips)?;
+        if k == 2 {
+            for v in &mut cfg.vips {
+                v.backends.reverse();
+            }
+        }
+        tb.start_agent_on(k, &cfg)?;
+    }
+    for vip in [web().address, web6().address] {
+        wait_next_hops(&tb, vip, LBS, Duration::from_secs(15))?;
+    }
+    Ok(tb)
+}
+
+/// The router's next hops for `vip` (its multipath route).
+fn next_hops(tb: &Testbed, vip: IpAddr) -> Result<Vec<String>> {
+    let r = tb.router_route(vip)?;
+    let mut hops: Vec<String> = r
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] == "via")
+        .map(|w| w[1].to_string())
+        .collect();
+    hops.sort();
+    Ok(hops)
+}
+
+fn wait_next_hops(tb: &Testbed, vip: IpAddr, n: usize, within: Duration) -> Result<Duration> {
+    let t = Instant::now();
+    try_wait_for(&format!("{n} next hops for {vip}"), within, || {
+        Ok(next_hops(tb, vip)?.len() == n)
+    })
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: router has {:?}; BGP: {}",
+            tb.router_route(vip),
+            tb.router_birdc(&["show", "protocols"]).unwrap_or_default()
+        )
+    })?;
+    Ok(t.elapsed())
+}
+
+/// Packets the `lb` program of LB host `k` counted for VIP `name`.
+fn vip_packets(tb: &Testbed, k: usize, name: &str) -> u64 {
+    let out = tb.lb_on(k, &["--json", "stats"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+    v["vips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|x| x["name"] == name)
+        .and_then(|x| x["packets"].as_u64())
+        .unwrap_or(0)
+}
+
+fn rings_agree(tb: &Testbed, spec: &VipSpec) -> Result<Vec<IpAddr>> {
+    let first = tb.ring_on(0, spec)?;
+    for k in 1..LBS {
+        let r = tb.ring_on(k, spec)?;
+        ensure!(
+            r == first,
+            "LB {k}'s ring of {} differs from LB 0's in {} of {} slots",
+            spec.name,
+            r.iter().zip(&first).filter(|(a, b)| a != b).count(),
+            r.len()
+        );
+    }
+    Ok(first)
+}
+
+#[test]
+fn every_lb_announces_the_vips_and_the_router_spreads_new_connections_over_all() -> Result<()> {
+    let tb = cluster()?;
+    // One multipath route per VIP, every LB a next hop.
+    for vip in [web().address, web6().address] {
+        let hops = next_hops(&tb, vip)?;
+        let want: Vec<String> = {
+            let mut w: Vec<String> = tb
+                .lbs()
+                .iter()
+                .map(|h| {
+                    if vip.is_ipv6() {
+                        h.v6.to_string()
+                    } else {
+                        h.v4.to_string()
+                    }
+                })
+                .collect();
+            w.sort();
+            w
+        };
+        assert_eq!(hops, want, "next hops of {vip}");
+    }
+    // Each agent says what it announces, and that its session is up.
+    for k in 0..LBS {
+        let s = tb.lb_on(k, &["--json", "status"]);
+        let v: serde_json::Value = serde_json::from_str(&s.stdout)?;
+        let bgp = &v["bgp"];
+        let ann: Vec<&str> = bgp["announced"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        assert_eq!(ann, ["198.18.10.1", "2001:db8:10::1"], "LB {k} announces");
+        assert_eq!(bgp["sessions"][0]["state"], "up", "LB {k}: {bgp}");
+    }
+    // Same rings everywhere, though LB 2 lists the backends the other way round.
+    rings_agree(&tb, &web())?;
+    rings_agree(&tb, &web6())?;
+
+    // New connections from many source ports: all answered, every LB carries some.
+    let before: Vec<u64> = (0..LBS).map(|k| vip_packets(&tb, k, "web")).collect();
+    let addr = web().socket_addr();
+    let n = 300;
+    let answered = tb.in_client(|| {
+        (0..n)
+            .filter(|_| http_get(addr, "/", Duration::from_secs(3)).is_ok_and(|r| r.status == 200))
+            .count()
+    })?;
+    assert_eq!(answered, n, "new connections answered");
+    for (k, b) in before.iter().enumerate() {
+        let got = vip_packets(&tb, k, "web") - b;
+        // 300 connections over 3 LBs: each should see about 100 (5 packets each from the
+        // client); a hash that ignored ports would send all to one.
+        assert!(got >= 50, "LB {k} carried {got} packets of {n} connections");
+    }
+    let addr6 = web6().socket_addr();
+    let answered6 = tb.in_client(|| {
+        (0..30)
+            .filter(|_| http_get(addr6, "/", Duration::from_secs(3)).is_ok())
+            .count()
+    })?;
+    assert_eq!(answered6, 30, "IPv6 connections answered");
+    tb.down()
+}
+
+#[test]
+fn established_connections_survive_an_lb_killed_its_link_cut_and_its_return() -> Result<()> {
+    let mut tb = cluster()?;
+    let addr = web().socket_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let _guard = StopOnDrop(stop.clone());
+    type Seen = BTreeMap<SocketAddr, (u64, Vec<String>, Duration)>;
+    let seen: Arc<Mutex<Seen>> = Arc::new(Mutex::new(BTreeMap::new()));
+    const CONNS: usize = 30;
+    let talkers: Vec<_> = (0..CONNS)
+        .map(|_| {
+            let (stop, seen) = (stop.clone(), seen.clone());
+            spawn_in_netns(tb.client().netns(), move || -> Result<()> {
+                let mut c = HttpConn::open(addr, Duration::from_secs(10))?;
+                let local = c.local;
+                seen.lock()
+                    .unwrap()
+                    .insert(local, (0, Vec::new(), Duration::ZERO));
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = c.get("/");
+                    let now = Instant::now();
+                    let mut s = seen.lock().unwrap();
+                    let e = s.get_mut(&local).unwrap();
+                    match r {
+                        Ok(r) if r.status == 200 => {
+                            e.0 += 1;
+                            e.2 = e.2.max(now - last);
+                            last = now;
+                        }
+                        Ok(r) => e.1.push(format!("status {}", r.status)),
+                        Err(err) => {
+                            e.1.push(format!("{err:#}"));
+                            return Ok(()); // the connection is gone
+                        }
+                    }
+                    drop(s);
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let answered = |seen: &Mutex<Seen>| -> u64 { seen.lock().unwrap().values().map(|e| e.0).sum() };
+    try_wait_for("every connection answered", Duration::from_secs(10), || {
+        let s = seen.lock().unwrap();
+        Ok(s.len() == CONNS && s.values().all(|e| e.0 > 0))
+    })?;
+    // Which LBs carry the talkers now: the one killed must carry some.
+    let carried =
+        |tb: &Testbed| -> Vec<u64> { (0..LBS).map(|k| vip_packets(tb, k, "web")).collect() };
+    let c0 = carried(&tb);
+    thread::sleep(Duration::from_millis(500));
+    let c1 = carried(&tb);
+    let busy: Vec<usize> = (0..LBS).filter(|&k| c1[k] > c0[k]).collect();
+    assert!(
+        busy.len() >= 2,
+        "30 connections over 3 LBs use at least 2: {busy:?}"
+    );
+    let victim = busy[0];
+
+    // 1. kill -9 the agent of an LB that carries connections: its BIRD dies with it, the
+    //    router withdraws it; its flows go to the others, which pick the same backends.
+    let mut agent = tb.take_agent_on(victim).unwrap();
+    let t = Instant::now();
+    agent.kill9()?;
+    let vip = web().address;
+    wait_next_hops(&tb, vip, LBS - 1, WITHDRAW)?;
+    let withdrawn = t.elapsed();
+    let a0 = answered(&seen);
+    thread::sleep(Duration::from_secs(1));
+    assert!(answered(&seen) > a0, "connections keep being answered");
+    let ok = tb.in_client(|| {
+        (0..50)
+            .filter(|_| http_get(addr, "/", Duration::from_secs(3)).is_ok())
+            .count()
+    })?;
+    assert_eq!(ok, 50, "new connections after the kill");
+
+    // 2. Cut the link of another busy LB (its bridge port down): nothing closes its
+    //    sessions; BFD notices.
+    let other = *busy.iter().find(|&&k| k != victim).unwrap();
+    let port = tb.lbs()[other].name.clone();
+    let t = Instant::now();
+    tb.bridge().ip(&["link", "set", &port, "down"])?;
+    wait_next_hops(&tb, vip, LBS - 2, WITHDRAW)?;
+    let cut_withdrawn = t.elapsed();
+    thread::sleep(Duration::from_secs(1));
+    let ok = tb.in_client(|| {
+        (0..50)
+            .filter(|_| http_get(addr, "/", Duration::from_secs(3)).is_ok())
+            .count()
+    })?;
+    assert_eq!(ok, 50, "new connections after the link cut");
+
+    // 3. Both come back: the link up, the agent started again (it adopts its data plane and
+    //    announces again); they take their share of new flows, nothing breaks.
+    tb.bridge().ip(&["link", "set", &port, "up"])?;
+    // Not `drop`: the guard would stop the instance (detach, unpin); the new agent adopts
+    // what the killed one left, and its guard stops it at the end.
+    std::mem::forget(agent);
+    let cfg = lb_userspace::config::Config::load(&tb.config_path_on(victim))?;
+    tb.start_agent_on(victim, &cfg)?;
+    let back = wait_next_hops(&tb, vip, LBS, Duration::from_secs(15))?;
+    let before = carried(&tb);
+    let ok = tb.in_client(|| {
+        (0..150)
+            .filter(|_| http_get(addr, "/", Duration::from_secs(3)).is_ok())
+            .count()
+    })?;
+    assert_eq!(ok, 150, "new connections with every LB back");
+    let after = carried(&tb);
+    for k in 0..LBS {
+        assert!(
+            after[k] > before[k],
+            "LB {k} takes new flows again: {before:?} -> {after:?}"
+        );
+    }
+    thread::sleep(Duration::from_millis(500));
+
+    stop.store(true, Ordering::Relaxed);
+    for t in talkers {
+        t.join().unwrap()??;
+    }
+    let s = seen.lock().unwrap();
+    let broken: Vec<String> = s
+        .iter()
+        .filter(|(_, e)| !e.1.is_empty())
+        .map(|(a, e)| format!("{a}: {:?}", e.1))
+        .collect();
+    let gap = s.values().map(|e| e.2).max().unwrap_or_default();
+    println!(
+        "withdrawn after kill -9 in {withdrawn:?}, after the link cut in {cut_withdrawn:?}; \
+         back in {back:?}; {} of {CONNS} connections survived all of it; longest gap {gap:?}",
+        CONNS - broken.len()
+    );
+    assert!(broken.is_empty(), "connections broken: {broken:#?}");
+    drop(s);
+    tb.down()
+}
+
+#[test]
+fn a_backend_failure_is_seen_by_every_lb_and_their_rings_converge() -> Result<()> {
+    let mut tb = cluster()?;
+    let spec = web();
+    let full = rings_agree(&tb, &spec)?;
+    let be2 = tb.backends()[1].v4;
+    assert!(full.contains(&IpAddr::V4(be2)));
+    tb.kill_server(1);
+    // Every LB's own checks take it out (views may differ for a moment); then the rings
+    // agree again, without it.
+    try_wait_for(
+        "every LB's ring without be2",
+        Duration::from_secs(10),
+        || {
+            Ok((0..LBS).all(|k| {
+                tb.ring_on(k, &spec)
+                    .is_ok_and(|r| !r.contains(&IpAddr::V4(be2)))
+            }))
+        },
+    )?;
+    let without = rings_agree(&tb, &spec)?;
+    assert!(!without.is_empty());
+    for k in 0..LBS {
+        let ev = tb.lb_on(k, &["events"]);
+        assert!(ev.stdout.contains("down"), "LB {k}'s events: {}", ev.stdout);
+    }
+    tb.restart_server(1)?;
+    try_wait_for(
+        "every LB's ring with be2 again",
+        Duration::from_secs(10),
+        || {
+            Ok((0..LBS).all(|k| {
+                tb.ring_on(k, &spec)
+                    .is_ok_and(|r| r.contains(&IpAddr::V4(be2)))
+            }))
+        },
+    )?;
+    assert_eq!(rings_agree(&tb, &spec)?, full, "back to the very same ring");
+
+    // Views that differ: be2 stops answering LB 0's probes only (its replies to LB 0's
+    // address are blackholed); LB 0 takes it out, the others keep it. When LB 0 hears from
+    // it again, every ring is the very same again.
+    let lb0 = tb.lbs()[0].v4.to_string();
+    let be = &tb.backends()[1];
+    be.ns
+        .ip(&["route", "add", "blackhole", &format!("{lb0}/32")])?;
+    try_wait_for("LB 0's ring without be2", Duration::from_secs(10), || {
+        Ok(!tb.ring_on(0, &spec)?.contains(&IpAddr::V4(be2)))
+    })?;
+    for k in 1..LBS {
+        assert_eq!(tb.ring_on(k, &spec)?, full, "LB {k} still sees be2 up");
+    }
+    be.ns
+        .ip(&["route", "del", "blackhole", &format!("{lb0}/32")])?;
+    try_wait_for(
+        "LB 0's ring with be2 again",
+        Duration::from_secs(10),
+        || Ok(tb.ring_on(0, &spec)?.contains(&IpAddr::V4(be2))),
+    )?;
+    assert_eq!(
+        rings_agree(&tb, &spec)?,
+        full,
+        "views agree again: the same ring"
+    );
+    tb.down()
+}
