@@ -217,7 +217,9 @@ pub struct Counters {
     pub packets: u64,
     /// Bytes of the frames as received.
     pub bytes: u64,
-    /// Packets that found no connection-table entry (or one pointing at a dead backend).
+    /// Packets that created a connection-table entry: found none (or one pointing at a dead
+    /// backend) and are not a bare TCP SYN (a SYN creates no entry). One per connection
+    /// (its handshake's ACK) or UDP flow; a SYN flood does not move it.
     pub new_flows: u64,
 }
 

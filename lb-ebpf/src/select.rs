@@ -202,6 +202,16 @@ fn select<'a>(
     let Some(seg) = seg else {
         return Ok((id, be, false));
     };
+    if seg.syn {
+        // A bare SYN creates no entry (the ring routes the handshake's next packet the same
+        // way): a SYN flood cannot push established flows out of the table. An entry of
+        // the same 5-tuple is an earlier connection's (a reused port): it goes, or the
+        // next packet would follow it. Looked up first: a flood's SYNs miss, lock-free.
+        if CONNS.get_ptr(flow).is_some() {
+            let _ = CONNS.remove(flow);
+        }
+        return Ok((id, be, false));
+    }
     let entry = ConnVal {
         backend: id,
         vip: vip.id as u16,

@@ -324,9 +324,10 @@ fn weights_1_2_3_4_share_100000_new_flows_within_one_point() {
             want * 100.0
         );
         let c = env.dp.backend_counters(b).unwrap();
+        // SYNs create no entry: not new flows.
         assert_eq!(
             (c.packets, c.new_flows),
-            (u64::from(counts[&b]), u64::from(counts[&b])),
+            (u64::from(counts[&b]), 0),
             "backend {b} counters"
         );
     }
@@ -336,7 +337,7 @@ fn weights_1_2_3_4_share_100000_new_flows_within_one_point() {
         Counters {
             packets: u64::from(N),
             bytes,
-            new_flows: u64::from(N)
+            new_flows: 0
         }
     );
 }
@@ -556,14 +557,17 @@ fn a_syn_follows_the_ring_even_when_its_ports_name_an_entry_on_a_draining_backen
         let fl = flow_of(&env, vip, client, sport);
         let r = ring_choice(&env.cfg(), &ring, false, &fl);
         assert!(
-            tcp_expect(&mut env, vip, client, sport, true, r),
-            "SYN is new"
+            !tcp_expect(&mut env, vip, client, sport, true, r),
+            "a SYN creates no entry"
         );
         assert_eq!(
             env.conn(&fl),
-            Some(r),
-            "the SYN's entry replaced the old one"
+            None,
+            "the SYN removed the old connection's entry"
         );
+        // The handshake's ACK follows the ring too, and creates the entry.
+        assert!(tcp_expect(&mut env, vip, client, sport, false, r));
+        assert_eq!(env.conn(&fl), Some(r));
         assert!(!tcp_expect(&mut env, vip, client, sport, false, r));
         on_draining += (b == draining) as usize;
     }
@@ -718,5 +722,50 @@ fn entries_record_their_last_use_and_a_fin_or_rst() {
             lb_common::CONN_F_CLOSING,
             "{what} marks the entry closing"
         );
+    }
+}
+
+/// A SYN flood of ten times the connection table's size: SYNs create no entry, so every
+/// established flow keeps its entry and its backend; a SYN of an established flow's 5-tuple
+/// (a reused port) removes that flow's old entry and its ACK makes the new one.
+#[test]
+fn a_syn_flood_of_ten_times_the_table_evicts_no_established_flow() {
+    // A table of 4,096 entries per CPU: room for the 500 flows on whichever CPU runs them.
+    let mut env = Env::with_sizes(lb_userspace::dataplane::Sizes {
+        max_conns: lb_tests::support::conns_for(4096),
+        ..lb_tests::harness::test_sizes()
+    });
+    let vip = vip_index(v4(10, 1), 80, TCP);
+    let flows = establish(&mut env, vip, 500);
+    let table = env.dp.sizes.max_conns;
+    let entries = |env: &Env| env.dp.read_conns().unwrap().len();
+    let before = entries(&env);
+    let v = env.fx.vips[vip].clone();
+    let new_before = env.dp.vip_counters(vip as u32).unwrap().new_flows;
+    for i in 0..table * 10 {
+        let client = Ipv4Addr::from(0x6480_0000u32 + i / 8); // 100.128.0.0/9: not establish()'s
+        let input = Opts::default().with_syn(true).tcp4(
+            client,
+            2000 + (i % 8) as u16,
+            match v.addr {
+                IpAddr::V4(a) => a,
+                _ => unreachable!(),
+            },
+            v.port,
+            b"",
+        );
+        let (run, reason) = env.lb(&input);
+        assert_eq!((run.action, reason), (XDP_TX, Reason::TxForward), "SYN {i}");
+    }
+    assert_eq!(entries(&env), before, "the flood added no entry");
+    assert_eq!(
+        env.dp.vip_counters(vip as u32).unwrap().new_flows,
+        new_before,
+        "SYNs are not new flows"
+    );
+    for &(client, sport, b) in &flows {
+        let fl = flow_of(&env, vip, client, sport);
+        assert_eq!(env.conn(&fl), Some(b), "{client}:{sport} kept its entry");
+        assert!(!tcp_expect(&mut env, vip, client, sport, false, b));
     }
 }

@@ -307,7 +307,7 @@ fn main() -> Result<()> {
          veth, *lost*). *prog ns*: the program's own run time per packet from the kernel's \
          run-time statistics (a pass of its own; the statistics add two clock reads to each \
          run); *diff ns*: 1000/LB Mpps − 1000/forwarder Mpps. *miss*: packets that found no \
-         connection-table entry. Minimum-size frames (60 bytes IPv4, 74 IPv6).\n"
+         connection-table entry and made one (a bare SYN makes none). Minimum-size frames (60 bytes IPv4, 74 IPv6).\n"
     )?;
     writeln!(
         w,

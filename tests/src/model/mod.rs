@@ -466,6 +466,12 @@ impl Model {
         let Some(seg) = seg else {
             return Ok((b, false));
         };
+        if seg.syn {
+            // spec: a bare SYN is routed by the ring, creates no entry and removes the
+            // 5-tuple's old one.
+            self.conns.remove(flow);
+            return Ok((b, false));
+        }
         self.conns.insert(
             *flow,
             ConnVal {

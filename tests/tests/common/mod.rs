@@ -49,7 +49,12 @@ pub struct Env {
 
 impl Env {
     pub fn standard() -> Env {
-        let mut dp = Dataplane::load(harness::test_sizes()).expect("loading the XDP object");
+        Env::with_sizes(harness::test_sizes())
+    }
+
+    /// The standard fixture on a data plane of these sizes.
+    pub fn with_sizes(sizes: lb_userspace::dataplane::Sizes) -> Env {
+        let mut dp = Dataplane::load(sizes).expect("loading the XDP object");
         let fx = Fixture::standard();
         let mut model = Model::default();
         fx.apply(&mut dp, &mut model).expect("applying the fixture");
