@@ -33,6 +33,29 @@ use tracing::{info, warn};
 
 use crate::config::{bgp::BgpConfig, Config};
 
+/// Fail unless `bird` names an executable (a path, or a name found in `PATH`): checked
+/// before the agent touches the data plane, so a missing BIRD changes nothing.
+pub fn check_binary(bird: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let exec = |p: &Path| {
+        fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if bird.contains('/') {
+        exec(Path::new(bird))
+    } else {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| exec(&d.join(bird))))
+            .unwrap_or(false)
+            || ["/usr/sbin", "/sbin"]
+                .iter()
+                .any(|d| exec(&Path::new(d).join(bird)))
+    };
+    if !found {
+        bail!("bgp.bird: {bird:?} is not an executable (install Debian's bird2: scripts/setup.sh)");
+    }
+    Ok(())
+}
+
 /// The addresses to announce: those with at least one VIP whose ring has a backend, and
 /// the names of the VIPs on each.
 pub fn wanted(eff: &Config) -> BTreeMap<IpAddr, Vec<String>> {

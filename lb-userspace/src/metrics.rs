@@ -37,7 +37,12 @@ pub struct Snapshot {
     pub probes: Vec<(&'static str, u64)>,
     pub vips: Vec<VipSnap>,
     pub backends: Vec<BackendSnap>,
+    /// With `[bgp]`: the addresses announced now, and each neighbour's session (up or not).
+    pub bgp: Option<BgpSnap>,
 }
+
+/// (announced addresses, (neighbour, session up) each).
+pub type BgpSnap = (Vec<String>, Vec<(String, bool)>);
 
 #[derive(Debug, Default)]
 pub struct VipSnap {
@@ -198,7 +203,8 @@ impl Collector for Scrape {
             ),
             (
                 "vip_new_flows",
-                "New flows (connection-table misses) of the VIP",
+                "Flows entered into the connection table (a connection's first packet after \
+                 its SYN, a UDP flow's first datagram, a flow taken over from elsewhere)",
                 |c: &Counters| c.new_flows,
             ),
         ] {
@@ -236,6 +242,26 @@ impl Collector for Scrape {
                 help,
                 G,
                 s.vips.iter().map(|v| (vip(v), gauge(f(v)))),
+            )?;
+        }
+        if let Some((announced, sessions)) = &s.bgp {
+            family(
+                &mut enc,
+                "bgp_announced",
+                "1 for each VIP address this host announces by BGP (it has a healthy backend)",
+                G,
+                announced
+                    .iter()
+                    .map(|a| (vec![("address", a.clone())], gauge(1.0))),
+            )?;
+            family(
+                &mut enc,
+                "bgp_session_up",
+                "1 while the BGP session with the neighbour is established",
+                G,
+                sessions
+                    .iter()
+                    .map(|(n, up)| (vec![("neighbor", n.clone())], gauge(*up as u64 as f64))),
             )?;
         }
         let be = |b: &BackendSnap| labels(&b.vip, &b.backend);

@@ -170,6 +170,28 @@ fn every_lb_announces_the_vips_and_the_router_spreads_new_connections_over_all()
         assert_eq!(ann, ["198.18.10.1", "2001:db8:10::1"], "LB {k} announces");
         assert_eq!(bgp["sessions"][0]["state"], "up", "LB {k}: {bgp}");
     }
+    // ... and so does its Prometheus endpoint.
+    let text = tb.lbs()[1].run_in(|| -> Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", 9469))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })??;
+    for sample in [
+        "lb_bgp_announced{address=\"198.18.10.1\"}",
+        "lb_bgp_announced{address=\"2001:db8:10::1\"}",
+        "lb_bgp_session_up{neighbor=\"198.18.0.1\"}",
+    ] {
+        let value = text.lines().find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        });
+        assert_eq!(value, Some(1.0), "{sample} in\n{text}");
+    }
     // Same rings everywhere, though LB 2 lists the backends the other way round.
     rings_agree(&tb, &web())?;
     rings_agree(&tb, &web6())?;

@@ -197,7 +197,7 @@ impl Agent {
     }
 
     /// Every checked backend: state, why, last check, availability.
-    fn bgp_status(&self) -> Option<crate::api::BgpStatus> {
+    pub(super) fn bgp_status(&self) -> Option<crate::api::BgpStatus> {
         let (c, s) = (self.cfg.bgp.as_ref()?, self.bgp.as_ref()?);
         let sessions = s.sessions();
         Some(crate::api::BgpStatus {

@@ -102,6 +102,9 @@ impl Agent {
     pub fn start(config_path: &Path, instance: &str) -> Result<Agent> {
         require_root()?;
         let cfg = Config::load(config_path)?;
+        if let Some(b) = &cfg.bgp {
+            crate::bgp::check_binary(&b.bird)?;
+        }
         ensure_bpffs()?;
         let lock = pins::lock(instance, std::time::Duration::ZERO)?;
         let dir = pin_dir(instance);
@@ -498,6 +501,15 @@ impl Agent {
                 backends: v.backends.len() as u64,
             });
         }
+        snap.bgp = self.bgp_status().map(|b| {
+            (
+                b.announced.iter().map(ToString::to_string).collect(),
+                b.sessions
+                    .iter()
+                    .map(|n| (n.neighbor.to_string(), n.state == "up"))
+                    .collect(),
+            )
+        });
         self.metrics.render(snap)
     }
 
@@ -568,6 +580,9 @@ impl Agent {
     /// New sizes migrate the data plane; a new interface moves the program there.
     fn apply(&mut self, new: Config, persist: bool, why: &str) -> Result<Changes> {
         new.validate().map_err(|e| anyhow!("{e}"))?;
+        if let Some(b) = &new.bgp {
+            crate::bgp::check_binary(&b.bird)?;
+        }
         let dir = pin_dir(&self.instance);
         let moved = new.agent.interface != self.cfg.agent.interface;
         let mtu = if moved {
