@@ -151,7 +151,16 @@ fn main() -> Result<()> {
                 b.tools.set_gen(&cfg)?;
                 send(&mut b.tools, ifindex, size, limit, a.rate)
             })??;
-            std::thread::sleep(Duration::from_millis(50));
+            // Frames may still be in flight: wait until the count stands still.
+            let mut last = b.tools.received_total()?;
+            loop {
+                std::thread::sleep(Duration::from_millis(20));
+                let now = b.tools.received_total()?;
+                if now == last {
+                    break;
+                }
+                last = now;
+            }
             let after = b.tools.received()?;
             summary(sent, took);
             let got: Vec<(usize, u64)> = after
@@ -163,9 +172,10 @@ fn main() -> Result<()> {
                 .collect();
             let total: u64 = got.iter().map(|(_, n)| n).sum();
             println!(
-                "received back through {}: {total} ({:.1}% of sent), by destination:",
+                "received back through {}: {total} of {sent} ({} lost at the veths' rings), \
+                 by destination:",
                 through.name(),
-                total as f64 * 100.0 / sent.max(1) as f64
+                sent.saturating_sub(total)
             );
             for (i, n) in got {
                 let name = if i as u32 == RX_NOT_IP {

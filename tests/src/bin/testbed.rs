@@ -42,9 +42,23 @@ fn run() -> Result<()> {
                     .lbs(lbs)
                     .detach(true),
             )?;
+            let vips = standard_vips();
             for k in 0..lbs {
-                let cfg = tb.agent_config_on(k, &standard_vips())?;
+                let cfg = tb.agent_config_on(k, &vips)?;
                 tb.start_agent_on(k, &cfg)?;
+            }
+            if lbs > 1 {
+                // Ready when the router has learned every VIP address from every LB.
+                let t = std::time::Instant::now();
+                while !vips.iter().all(|v| {
+                    tb.router_route(v.address)
+                        .is_ok_and(|r| r.matches(" via ").count() == lbs)
+                }) {
+                    if t.elapsed() > std::time::Duration::from_secs(20) {
+                        bail!("the router has not learned every VIP from every LB after 20 s");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
             }
             print!("{}", tb.describe());
             println!("  cargo xtask testbed down --prefix {prefix}   (removes it all)");
