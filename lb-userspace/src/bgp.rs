@@ -56,12 +56,20 @@ pub fn check_binary(bird: &str) -> Result<()> {
     Ok(())
 }
 
-/// The addresses to announce: those with at least one VIP whose ring has a backend, and
-/// the names of the VIPs on each.
-pub fn wanted(eff: &Config) -> BTreeMap<IpAddr, Vec<String>> {
+/// The addresses to announce: those with at least one VIP that has a backend in its ring
+/// which is also `healthy(vip, backend)` (has passed a check, or is not checked: a ring
+/// in panic mode, or an agent that has not checked yet, announces nothing), and the names
+/// of the VIPs on each.
+pub fn wanted(
+    eff: &Config,
+    healthy: impl Fn(&str, IpAddr) -> bool,
+) -> BTreeMap<IpAddr, Vec<String>> {
     let mut out: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
     for v in &eff.vips {
-        if v.backends.iter().any(|b| b.active()) {
+        if v.backends
+            .iter()
+            .any(|b| b.active() && healthy(&v.name, b.address))
+        {
             out.entry(v.address).or_default().push(v.name.clone());
         }
     }
@@ -138,6 +146,10 @@ pub struct Speaker {
     /// A reload BIRD has not confirmed yet: try again at the next tick.
     pending: bool,
     last_start: Option<Instant>,
+    /// Wait before starting a BIRD that died again.
+    backoff: Duration,
+    /// The sessions at the last tick.
+    sessions: Vec<(String, String, String)>,
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
@@ -158,6 +170,8 @@ impl Speaker {
             announced: BTreeSet::new(),
             pending: false,
             last_start: None,
+            backoff: Duration::from_secs(1),
+            sessions: Vec::new(),
         };
         s.write_files()?;
         s.spawn()?;
@@ -234,9 +248,14 @@ impl Speaker {
         if added.is_empty() && removed.is_empty() && !self.pending {
             return Ok((added, removed));
         }
-        self.announced = set;
-        self.write_files()?;
+        // Until BIRD has the new files, a retry is due (`tick`): a failed write is not
+        // forgotten.
         self.pending = true;
+        let old = std::mem::replace(&mut self.announced, set);
+        if let Err(e) = self.write_files() {
+            self.announced = old;
+            return Err(e);
+        }
         self.reload();
         Ok((added, removed))
     }
@@ -246,23 +265,36 @@ impl Speaker {
         if *cfg == self.cfg {
             return Ok(());
         }
+        let bird_changed = cfg.bird != self.cfg.bird;
         self.cfg = cfg.clone();
-        self.write_files()?;
         self.pending = true;
-        self.reload();
+        self.write_files()?;
+        if bird_changed {
+            self.stop_child();
+            self.spawn()?;
+        } else {
+            self.reload();
+        }
         Ok(())
     }
 
     fn reload(&mut self) {
         match birdc(&self.socket(), &["configure"]) {
-            Ok(out) if out.contains("Reconfigur") => self.pending = false,
+            // 0003 Reconfigured, 0004 Reconfiguration in progress (not "... ignored").
+            Ok(out)
+                if out.contains("Reconfigured") || out.contains("Reconfiguration in progress") =>
+            {
+                self.pending = false
+            }
             Ok(out) => warn!(answer = out.trim(), "bgp: BIRD did not take the new routes"),
             // Not up yet: it reads the files when it starts.
             Err(e) => warn!(error = %format!("{e:#}"), "bgp: reloading BIRD"),
         }
     }
 
-    /// Every second: restart BIRD if it died (at most once a second), retry a reload.
+    /// Every second: restart BIRD if it died (backing off up to 30 s when it keeps dying),
+    /// retry a reload BIRD has not confirmed, and read its sessions (what `lb status` and
+    /// the metrics show: they never wait for BIRD themselves).
     pub fn tick(&mut self) {
         let exited = match self.child.as_mut().map(Child::try_wait) {
             Some(Ok(Some(st))) => Some(st.to_string()),
@@ -271,26 +303,40 @@ impl Speaker {
             None => Some("not running".into()),
         };
         if let Some(why) = exited {
-            if self
-                .last_start
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-            {
+            // Reaped (or lost): never signal that pid again.
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+                warn!(why, "bgp: BIRD exited");
+            }
+            self.sessions.clear();
+            if self.last_start.is_some_and(|t| t.elapsed() < self.backoff) {
                 return;
             }
-            warn!(why, "bgp: BIRD exited; starting it again");
-            self.child = None;
+            self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
             if let Err(e) = self.spawn() {
                 warn!(error = %format!("{e:#}"), "bgp: restarting BIRD");
             }
             return;
         }
+        if self
+            .last_start
+            .is_some_and(|t| t.elapsed() > Duration::from_secs(60))
+        {
+            self.backoff = Duration::from_secs(1);
+        }
         if self.pending {
             self.reload();
         }
+        self.sessions = self.read_sessions();
     }
 
-    /// Sessions as BIRD reports them: (name, state, info).
+    /// Sessions as BIRD last reported them (at the last tick): (name, state, info).
     pub fn sessions(&self) -> Vec<(String, String, String)> {
+        self.sessions.clone()
+    }
+
+    fn read_sessions(&self) -> Vec<(String, String, String)> {
         let Ok(out) = birdc(&self.socket(), &["show", "protocols"]) else {
             return Vec::new();
         };
@@ -311,7 +357,15 @@ impl Speaker {
 
     /// Stop BIRD (the agent is stopping): the routers withdraw this host at once.
     pub fn stop(&mut self) {
+        self.stop_child();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+
+    fn stop_child(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if !matches!(c.try_wait(), Ok(None)) {
+                return; // gone already (and now reaped)
+            }
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let t = Instant::now();
             while t.elapsed() < Duration::from_secs(2) {
@@ -323,7 +377,6 @@ impl Speaker {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -333,17 +386,36 @@ impl Drop for Speaker {
     }
 }
 
-/// One `birdc` command on BIRD's socket; its answer.
+/// One `birdc` command on BIRD's socket; its answer. Killed after a second: the agent's
+/// event loop must never hang on a BIRD that accepts but does not answer.
 pub fn birdc(socket: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new("birdc")
+    use std::io::Read;
+    let mut child = Command::new("birdc")
         .arg("-s")
         .arg(socket)
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
         .context("running birdc (Debian's bird2)")?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    if !out.status.success() || text.contains("Unable to connect") {
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(1) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("birdc {}: no answer from BIRD within 1 s", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let mut text = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut text);
+    }
+    if !status.success() || text.contains("Unable to connect") {
         bail!("birdc {}: {}", args.join(" "), text.trim());
     }
     Ok(text)
@@ -393,7 +465,9 @@ backends = [{ address = "2001:db8::11", weight = 0 }]
     #[test]
     fn an_address_is_announced_while_one_of_its_vips_has_an_active_backend() {
         let c = cfg(TEXT);
-        let w = wanted(&c);
+        let w = wanted(&c, |_, _| true);
+        // Nothing passes its checks (yet, or in panic mode): nothing is announced.
+        assert!(wanted(&c, |_, _| false).is_empty());
         // a has an active backend; b's is draining; c's has weight 0: no route for c.
         assert_eq!(w.len(), 1);
         assert_eq!(w[&"198.18.10.1".parse::<IpAddr>().unwrap()], ["a"]);

@@ -547,11 +547,13 @@ impl Testbed {
                     },
                 )?;
                 bridge.ip(&["link", "set", &name, "master", BRIDGE])?;
-                if matches!(role, Role::Lb | Role::ExtraLb(_)) {
+                if routed && matches!(role, Role::Lb | Role::ExtraLb(_)) {
                     // A switch floods frames for a MAC it has not learned (or forgot: a
                     // port went down) to every port, and XDP sees them whatever their
                     // destination MAC: an LB would forward another LB's traffic. An LB's
-                    // NIC filters by MAC; here, the bridge does not flood to LB ports.
+                    // NIC filters by MAC; here, the bridge does not flood to the LB ports of
+                    // a testbed with several (each LB's BGP keepalives, every second, keep
+                    // its MAC learned).
                     bridge.exec(&["bridge", "link", "set", "dev", &name, "flood", "off"])?;
                 }
                 // Checksum offload would hand XDP (and so the backends) partial checksums.

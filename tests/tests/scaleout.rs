@@ -427,5 +427,23 @@ fn a_backend_failure_is_seen_by_every_lb_and_their_rings_converge() -> Result<()
         full,
         "views agree again: the same ring"
     );
+
+    // No backend passes: every LB withdraws the VIP's address, and announces it again when
+    // one comes back.
+    for i in 0..3 {
+        tb.kill_server(i);
+    }
+    let vip = spec.address;
+    wait_next_hops(&tb, vip, 0, Duration::from_secs(10))?;
+    for k in 0..LBS {
+        let ev = tb.lb_on(k, &["events"]);
+        assert!(
+            ev.stdout.contains("withdrawn"),
+            "LB {k}'s events: {}",
+            ev.stdout
+        );
+    }
+    tb.restart_server(0)?;
+    wait_next_hops(&tb, vip, LBS, Duration::from_secs(10))?;
     tb.down()
 }

@@ -397,7 +397,12 @@ impl Agent {
             (Some(c), None) => self.bgp = Some(crate::bgp::Speaker::start(c, &self.instance)?),
             (Some(c), Some(s)) => s.reconfigure(c)?,
         }
-        let want = crate::bgp::wanted(&self.eff);
+        let health = &self.health;
+        let want = crate::bgp::wanted(&self.eff, |vip, addr| {
+            health
+                .get(&(vip.to_string(), addr))
+                .is_none_or(|h| h.up && h.last.is_some())
+        });
         let speaker = self.bgp.as_mut().expect("started above");
         let (added, removed) = speaker.announce(&want)?;
         for a in added {
@@ -533,6 +538,8 @@ impl Agent {
         if let Some(b) = &mut self.bgp {
             b.tick();
         }
+        // A first passing check changes no state but may allow an announcement.
+        self.sync_bgp_logged();
     }
 
     /// Backends whose drain timeout has passed leave their VIP (written to the file).
