@@ -251,7 +251,7 @@ pub struct BgpStatus {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BgpSession {
-    /// BIRD's protocol name (`n0`, `n1`, ...: the config's neighbours in order).
+    /// BIRD's protocol name (`n_198_18_0_1` for neighbour 198.18.0.1).
     pub name: String,
     pub neighbor: std::net::Ipv4Addr,
     /// BIRD's state (`up`, `start`, ...) and its details (`Established`, `Active`, ...).

@@ -99,13 +99,14 @@ pub fn bird_config(cfg: &BgpConfig, dir: &Path) -> String {
             cfg.bfd_interval_ms
         );
     }
-    for (i, n) in cfg.neighbors.iter().enumerate() {
+    for n in &cfg.neighbors {
         let _ = writeln!(
             c,
-            "protocol bgp n{i} {{\n  local {} as {};\n  neighbor {} as {};\n  \
+            "protocol bgp {} {{\n  local {} as {};\n  neighbor {} as {};\n  \
              hold time {}; keepalive time {};\n  connect delay time 1; connect retry time 1; \
              error wait time 1, 5;\n  bfd {};\n  \
              ipv4 {{ import none; export where proto = \"vips4\"; next hop self; }};",
+            session_name(n.address),
             cfg.next_hop,
             cfg.local_asn,
             n.address,
@@ -123,6 +124,12 @@ pub fn bird_config(cfg: &BgpConfig, dir: &Path) -> String {
         let _ = writeln!(c, "}}");
     }
     c
+}
+
+/// BIRD's name of the session with `neighbor` (by address, not position: a neighbour added
+/// or removed on reload leaves the others' sessions alone).
+pub fn session_name(neighbor: std::net::Ipv4Addr) -> String {
+    format!("n_{}", neighbor.to_string().replace('.', "_"))
 }
 
 /// The static routes of one family: one blackhole route per announced address (BIRD only
@@ -488,6 +495,7 @@ backends = [{ address = "2001:db8::11", weight = 0 }]
             "  include \"/run/lb/x.bgp/vips4.conf\";",
             "protocol bfd { interface \"*\" { interval 100 ms; multiplier 3; }; }",
             "  local 198.18.0.2 as 65001;",
+            "protocol bgp n_198_18_0_1 {",
             "  neighbor 198.18.0.1 as 65000;",
             "  hold time 3; keepalive time 1;",
             "  bfd on;",

@@ -207,9 +207,8 @@ impl Agent {
             sessions: c
                 .neighbors
                 .iter()
-                .enumerate()
-                .map(|(i, n)| {
-                    let name = format!("n{i}");
+                .map(|n| {
+                    let name = crate::bgp::session_name(n.address);
                     let (state, info) = sessions
                         .iter()
                         .find(|x| x.0 == name)
