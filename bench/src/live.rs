@@ -87,6 +87,20 @@ impl Tools {
         Ok(self.received()?.iter().sum())
     }
 
+    /// Wait until the count of received frames stands still (frames in flight through a
+    /// veth ring drain in microseconds); the count per bucket then.
+    pub fn settle(&self) -> Result<Vec<u64>> {
+        let mut last = self.received_total()?;
+        loop {
+            std::thread::sleep(Duration::from_millis(2));
+            let now = self.received_total()?;
+            if now == last {
+                return self.received();
+            }
+            last = now;
+        }
+    }
+
     /// Send `frames` frames from `ifindex` (run this on a thread inside the generator's
     /// namespace: the kernel resolves the index there). Returns the wall time it took.
     pub fn send(&mut self, ifindex: u32, frame_len: u16, frames: u32) -> Result<Duration> {

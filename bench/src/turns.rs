@@ -98,18 +98,8 @@ impl Bench {
         let took = self
             .tools
             .send(self.wire.gen_ifindex, cfg.frame_len, frames)?;
-        // With the LB on another CPU, frames may still be in flight: wait until the count
-        // stands still (a ring of a few hundred frames drains in microseconds).
-        let mut last = self.tools.received_total()?;
-        loop {
-            std::thread::sleep(Duration::from_millis(2));
-            let now = self.tools.received_total()?;
-            if now == last {
-                break;
-            }
-            last = now;
-        }
-        let after = self.tools.received()?;
+        // With the LB on another CPU, frames may still be in flight.
+        let after = self.tools.settle()?;
         let buckets: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
         Ok(Turn {
             sent: frames as u64,

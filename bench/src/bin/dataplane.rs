@@ -7,6 +7,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
+use lb_bench::{live::pin_to_cpu, out::median};
 use lb_tests::{
     fixture::{v4, v6, Fixture},
     model::Model,
@@ -17,17 +18,6 @@ use lb_userspace::dataplane::{Dataplane, Sizes};
 const DEFAULT_FLOWS: u32 = 20_000;
 /// Timed calls per fixture (at least).
 const CALLS: u32 = 20_000;
-
-fn pin_to_cpu(cpu: usize) -> Result<()> {
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            anyhow::bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
 
 /// Kernel-measured ns of one run of `prog` on each frame, in order.
 fn time_frames(dp: &mut Dataplane, prog: &str, frames: &[Vec<u8>]) -> Result<Vec<u64>> {
@@ -46,16 +36,6 @@ fn time_frames(dp: &mut Dataplane, prog: &str, frames: &[Vec<u8>]) -> Result<Vec
         ns.push(r.duration.as_nanos() as u64);
     }
     Ok(ns)
-}
-
-fn median(mut v: Vec<u64>) -> f64 {
-    v.sort_unstable();
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2] as f64
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) as f64 / 2.0
-    }
 }
 
 fn flows(n: u32, client: impl Fn(u32) -> IpAddr, vip: IpAddr, syn: bool) -> Vec<Vec<u8>> {
@@ -117,7 +97,7 @@ fn measure(nflows: u32) -> Result<[[f64; 2]; 5]> {
         let est = time_frames(&mut dp, "lb", &acks)?;
         let hot_ns = time_frames(&mut dp, "lb", &hot)?;
         for (row, v) in out.iter_mut().zip([floor, nv, new, est, hot_ns]) {
-            row[fam] = median(v);
+            row[fam] = median(&mut v.into_iter().map(|n| n as f64).collect::<Vec<_>>());
         }
     }
     Ok(out)

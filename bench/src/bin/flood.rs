@@ -14,8 +14,11 @@ use lb_bench::{
     traffic::{gen_config, min_frame, reference_frame, Mix},
     turns::{Bench, Prog},
 };
-use lb_common::FlowKey;
+use std::net::Ipv4Addr;
+
+use lb_common::{FlowKey, PROTO_TCP};
 use lb_tests::netns::in_netns;
+use lb_tests::packets::flow4;
 use serde_json::json;
 
 const ESTABLISHED: u32 = 10_000;
@@ -46,37 +49,18 @@ fn backends_of(b: &mut Bench, cfg: &lb_common::bench::GenConfig) -> Result<Vec<u
 
 /// How many of the flows of `cfg` have a connection-table entry.
 fn entries(b: &Bench, cfg: &lb_common::bench::GenConfig) -> Result<u32> {
-    let mut keys = std::collections::HashSet::new();
-    for (k, _) in b.dp.read_conns()? {
-        keys.insert(key_bytes(&k));
-    }
+    let keys: std::collections::HashSet<FlowKey> =
+        b.dp.read_conns()?.into_iter().map(|(k, _)| k).collect();
     let mut n = 0;
     for i in 0..cfg.flows {
         let f = reference_frame(cfg, i + cfg.flow_base, 0);
         // IPv4 TCP: src 26..30, dst 30..34, ports 34..38.
-        let k = FlowKey {
-            src: [u32::from_ne_bytes(f[26..30].try_into()?), 0, 0, 0],
-            dst: [u32::from_ne_bytes(f[30..34].try_into()?), 0, 0, 0],
-            sport: u16::from_ne_bytes(f[34..36].try_into()?),
-            dport: u16::from_ne_bytes(f[36..38].try_into()?),
-            proto: 6,
-            family: 4,
-            _pad: [0; 2],
-        };
-        n += keys.contains(&key_bytes(&k)) as u32;
+        let addr = |at: usize| Ipv4Addr::new(f[at], f[at + 1], f[at + 2], f[at + 3]);
+        let port = |at: usize| u16::from_be_bytes([f[at], f[at + 1]]);
+        let k = flow4(addr(26), port(34), addr(30), port(36), PROTO_TCP);
+        n += keys.contains(&k) as u32;
     }
     Ok(n)
-}
-
-fn key_bytes(k: &FlowKey) -> Vec<u8> {
-    let mut v = Vec::new();
-    for w in k.src.iter().chain(&k.dst) {
-        v.extend_from_slice(&w.to_ne_bytes());
-    }
-    v.extend_from_slice(&k.sport.to_ne_bytes());
-    v.extend_from_slice(&k.dport.to_ne_bytes());
-    v.extend_from_slice(&[k.proto, k.family]);
-    v
 }
 
 fn main() -> Result<()> {

@@ -151,17 +151,7 @@ fn main() -> Result<()> {
                 b.tools.set_gen(&cfg)?;
                 send(&mut b.tools, ifindex, size, limit, a.rate)
             })??;
-            // Frames may still be in flight: wait until the count stands still.
-            let mut last = b.tools.received_total()?;
-            loop {
-                std::thread::sleep(Duration::from_millis(20));
-                let now = b.tools.received_total()?;
-                if now == last {
-                    break;
-                }
-                last = now;
-            }
-            let after = b.tools.received()?;
+            let after = b.tools.settle()?;
             summary(sent, took);
             let got: Vec<(usize, u64)> = after
                 .iter()

@@ -34,14 +34,13 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::PathBuf,
-    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context, Result};
 use aya::programs::ProgramInfo;
-use lb_bench::out;
+use lb_bench::{haproxy::Haproxy, out};
 use lb_tests::{
     netns::spawn_in_netns,
     testbed::{http_get, ForwardingPath, Testbed, TestbedOpts},
@@ -219,27 +218,6 @@ fn haproxy_cfg(backends: &[Ipv4Addr]) -> String {
     s
 }
 
-/// HAProxy in the LB's namespace, killed when dropped.
-struct Haproxy(Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The version in `haproxy -v`'s first line ("HAProxy version 2.6.12-1+deb12u4 ...").
-fn haproxy_version() -> Result<String> {
-    let v = Command::new("haproxy")
-        .arg("-v")
-        .output()
-        .context("haproxy (scripts/setup.sh installs it)")?;
-    let text = String::from_utf8_lossy(&v.stdout);
-    let first = text.lines().next().unwrap_or("");
-    Ok(first.split_whitespace().nth(2).unwrap_or(first).to_string())
-}
-
 // ---------------------------------------------------------------------------------------
 // Measurements
 
@@ -339,7 +317,7 @@ fn main() -> Result<()> {
     let quick = out::quick();
     let (rounds, secs) = if quick { (3, 3) } else { (5, 6) };
     let dur = Duration::from_secs(secs);
-    let version = haproxy_version()?;
+    let version = lb_bench::haproxy::version()?;
 
     let prefix = format!("lbhx{}", std::process::id());
     let mut tb = Testbed::up(TestbedOpts::default().prefix(&prefix).backends(3))?;
@@ -366,16 +344,8 @@ fn main() -> Result<()> {
     let hcfg = tb.dir().join("haproxy.cfg");
     fs::write(&hcfg, haproxy_cfg(&backends))?;
     let hlog = tb.dir().join("haproxy.log");
-    let child = Command::new("ip")
-        .args(["netns", "exec", lbh.netns(), "haproxy", "-db", "-f"])
-        .arg(&hcfg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&hlog)?)
-        .spawn()
-        .context("haproxy")?;
     // Dropped before the testbed: HAProxy is gone before its namespace.
-    let mut hap = Haproxy(child);
+    let mut hap = Haproxy::start(lbh.netns(), &hcfg, &hlog)?;
     let haproxy_addr = SocketAddr::from((HAPROXY_ADDR, PORT));
     let t = Instant::now();
     while lbh

@@ -19,7 +19,7 @@ use std::{
     fs,
     net::{Ipv4Addr, SocketAddr},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -299,14 +299,6 @@ fn haproxy_cfg() -> String {
 }
 
 /// HAProxy in `ns`, killed when dropped.
-struct Haproxy(Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Induced failures
@@ -625,26 +617,10 @@ fn main() -> Result<()> {
     // HAProxy checking the same servers.
     let hcfg = dir.path().join("haproxy.cfg");
     fs::write(&hcfg, haproxy_cfg())?;
-    let version = Command::new("haproxy")
-        .arg("-v")
-        .output()
-        .context("haproxy (scripts/setup.sh installs it)")?;
-    let version = String::from_utf8_lossy(&version.stdout)
-        .split_whitespace()
-        .nth(2)
-        .unwrap_or("?")
-        .to_string();
+    let version = lb_bench::haproxy::version()?;
     if want("haproxy") {
         let hlog = dir.path().join("haproxy.log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns.name(), "haproxy", "-db", "-f"])
-            .arg(&hcfg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&hlog)?)
-            .spawn()
-            .context("haproxy")?;
-        let mut h = Haproxy(child);
+        let mut h = lb_bench::haproxy::Haproxy::start(ns.name(), &hcfg, &hlog)?;
         thread::sleep(Duration::from_secs(3));
         if let Some(st) = h.0.try_wait()? {
             bail!(
