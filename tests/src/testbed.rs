@@ -1079,12 +1079,23 @@ max_conns = 65536
         lb(&a)
     }
 
+    /// Packets the `lb` program of LB host `k` counted for VIP `name` (`lb stats`; 0 if
+    /// the agent does not answer).
+    pub fn vip_packets_on(&self, k: usize, name: &str) -> u64 {
+        let out = self.lb_on(k, &["--json", "stats"]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+        v["vips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["name"] == name)
+            .and_then(|x| x["packets"].as_u64())
+            .unwrap_or(0)
+    }
+
     /// `lb --instance <prefix>-lb args...`
     pub fn lb(&self, args: &[&str]) -> LbOut {
-        let inst = self.instance();
-        let mut a = vec!["--instance", inst.as_str()];
-        a.extend_from_slice(args);
-        lb(&a)
+        self.lb_on(0, args)
     }
 
     /// `lb --instance <prefix>-lb --json args...`, parsed.

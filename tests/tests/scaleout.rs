@@ -105,19 +105,6 @@ fn wait_next_hops(tb: &Testbed, vip: IpAddr, n: usize, within: Duration) -> Resu
     Ok(t.elapsed())
 }
 
-/// Packets the `lb` program of LB host `k` counted for VIP `name`.
-fn vip_packets(tb: &Testbed, k: usize, name: &str) -> u64 {
-    let out = tb.lb_on(k, &["--json", "stats"]);
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
-    v["vips"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|x| x["name"] == name)
-        .and_then(|x| x["packets"].as_u64())
-        .unwrap_or(0)
-}
-
 fn rings_agree(tb: &Testbed, spec: &VipSpec) -> Result<Vec<IpAddr>> {
     let first = tb.ring_on(0, spec)?;
     for k in 1..LBS {
@@ -197,7 +184,7 @@ fn every_lb_announces_the_vips_and_the_router_spreads_new_connections_over_all()
     rings_agree(&tb, &web6())?;
 
     // New connections from many source ports: all answered, every LB carries some.
-    let before: Vec<u64> = (0..LBS).map(|k| vip_packets(&tb, k, "web")).collect();
+    let before: Vec<u64> = (0..LBS).map(|k| tb.vip_packets_on(k, "web")).collect();
     let addr = web().socket_addr();
     let n = 300;
     let answered = tb.in_client(|| {
@@ -207,7 +194,7 @@ fn every_lb_announces_the_vips_and_the_router_spreads_new_connections_over_all()
     })?;
     assert_eq!(answered, n, "new connections answered");
     for (k, b) in before.iter().enumerate() {
-        let got = vip_packets(&tb, k, "web") - b;
+        let got = tb.vip_packets_on(k, "web") - b;
         // 300 connections over 3 LBs: each should see about 100 (5 packets each from the
         // client); a hash that ignored ports would send all to one.
         assert!(got >= 50, "LB {k} carried {got} packets of {n} connections");
@@ -272,7 +259,7 @@ fn established_connections_survive_an_lb_killed_its_link_cut_and_its_return() ->
     })?;
     // Which LBs carry the talkers now: the one killed must carry some.
     let carried =
-        |tb: &Testbed| -> Vec<u64> { (0..LBS).map(|k| vip_packets(tb, k, "web")).collect() };
+        |tb: &Testbed| -> Vec<u64> { (0..LBS).map(|k| tb.vip_packets_on(k, "web")).collect() };
     let c0 = carried(&tb);
     thread::sleep(Duration::from_millis(500));
     let c1 = carried(&tb);

@@ -345,17 +345,8 @@ fn scale_out(prefix: &str, start: Instant) -> Result<()> {
     {
         println!("    lb2$ {}", l.trim());
     }
-    let packets = |tb: &Testbed| -> Vec<u64> {
-        (0..3)
-            .map(|k| {
-                let out = tb.lb_on(k, &["--json", "stats"]);
-                serde_json::from_str::<serde_json::Value>(&out.stdout)
-                    .ok()
-                    .and_then(|v| v["vips"][0]["packets"].as_u64())
-                    .unwrap_or(0)
-            })
-            .collect()
-    };
+    let packets =
+        |tb: &Testbed| -> Vec<u64> { (0..3).map(|k| tb.vip_packets_on(k, "web4")).collect() };
     step(&format!(
         "{REQUESTS} new connections from the client to {}",
         web.socket_addr()
