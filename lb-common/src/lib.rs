@@ -11,8 +11,21 @@
 
 pub mod bench;
 
-/// UDP destination port of our GUE (IP in UDP, "variant 1": no GUE header) encapsulation.
+/// UDP destination port of our GUE encapsulation: "variant 1" (IP directly in UDP) for
+/// conntrack VIPs, variant 0 with our private data ([`GUE_LB_MAGIC`]) for stateless ones.
 pub const GUE_PORT: u16 = 6080;
+/// First two bytes of the private data of our GUE variant 0 header ("LB"), which carries a
+/// stateless VIP's second chance: `"LB"`, flags (`GUE_F_*`), 0, then the secondary
+/// backend's address (4 bytes in an IPv4 outer header, 16 in IPv6). See docs/dataplane.md.
+pub const GUE_LB_MAGIC: [u8; 2] = *b"LB";
+/// GUE private-data flag: the address that follows is a secondary backend.
+pub const GUE_F_SECOND: u8 = 1;
+/// GUE private-data flag: already redirected once by a backend; never redirected again.
+pub const GUE_F_REDIRECTED: u8 = 2;
+/// Bytes of our GUE variant 0 header (4 of GUE, 4 of private data, the address) for an
+/// outer header of each family.
+pub const GUE_V0_LEN4: usize = 12;
+pub const GUE_V0_LEN6: usize = 24;
 /// Default Maglev ring size (prime, Katran's and the Maglev paper's).
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Capacity of the VIP map compiled into the object (the agent may lower or raise it).
@@ -83,6 +96,25 @@ pub struct VipKey {
 
 /// `VipMeta::flags`: hash only the client address (session affinity).
 pub const VIP_F_AFFINITY: u8 = 1;
+/// `VipMeta::flags`: stateless (second-chance) VIP: no connection table; each packet goes
+/// to its ring slot's primary with the slot's secondary carried in a GUE header.
+pub const VIP_F_STATELESS: u8 = 2;
+
+/// A `RINGS` slot word: the primary backend id in the low 16 bits, the secondary in the
+/// high 16 (`agent.max_backends` <= 65536). A secondary equal to the primary means none;
+/// only stateless VIPs use the secondary.
+#[inline(always)]
+pub const fn ring_word(primary: u32, secondary: u32) -> u32 {
+    (primary & 0xffff) | (secondary << 16)
+}
+#[inline(always)]
+pub const fn ring_primary(word: u32) -> u32 {
+    word & 0xffff
+}
+#[inline(always)]
+pub const fn ring_secondary(word: u32) -> u32 {
+    word >> 16
+}
 
 /// Value of the `VIPS` map.
 #[repr(C)]
@@ -315,8 +347,41 @@ pub enum DecapReason {
     Decapped = 1,
     /// Looked like ours but too short or inconsistent: dropped.
     DropMalformed = 2,
+    /// A stateless VIP's packet of no connection on this host: sent on to the secondary
+    /// it carried (XDP_TX or redirect after a FIB lookup).
+    Redirected = 3,
+    /// As `Redirected`, but the FIB had no neighbour (or no route) for the secondary: the
+    /// re-encapsulated packet is passed to this host's stack to forward (and resolve).
+    RedirectedStack = 4,
+    /// A stateless VIP's packet of no connection on this host and no second chance left
+    /// (no secondary, or redirected once already): decapsulated and passed up, where the
+    /// kernel answers as for any unknown segment (RST).
+    NoSecondChance = 5,
 }
-pub const NUM_DECAP_REASONS: u32 = 3;
+pub const NUM_DECAP_REASONS: u32 = 6;
+
+impl DecapReason {
+    pub const ALL: [DecapReason; NUM_DECAP_REASONS as usize] = [
+        DecapReason::Pass,
+        DecapReason::Decapped,
+        DecapReason::DropMalformed,
+        DecapReason::Redirected,
+        DecapReason::RedirectedStack,
+        DecapReason::NoSecondChance,
+    ];
+
+    /// Metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecapReason::Pass => "pass",
+            DecapReason::Decapped => "decapped",
+            DecapReason::DropMalformed => "drop_malformed",
+            DecapReason::Redirected => "redirected",
+            DecapReason::RedirectedStack => "redirected_stack",
+            DecapReason::NoSecondChance => "no_second_chance",
+        }
+    }
+}
 
 /// Counters of the `hc_encap` program (per-CPU array `HC_STATS`).
 #[repr(u32)]
@@ -531,6 +596,8 @@ pub mod layout {
     /// - 2: backend ids name a (VIP, backend) membership: `Backend::vip` added; `RINGS` and
     ///   `BE_STATS` are indexed by those ids; `ConnVal` gained `flags` and `atime` and its
     ///   `vip` became 16 bits.
+    /// - 3 (`RINGS`): a slot word carries a secondary id in its high 16 bits ([`ring_word`]).
+    ///   2 (`VIP_FILTER`): a second word, the addresses of stateless VIPs.
     pub const MAPS: [(&str, MapLayout); 14] = [
         (
             "VIPS",
@@ -549,7 +616,7 @@ pub mod layout {
         (
             "VIP_FILTER",
             MapLayout {
-                version: 1,
+                version: 2,
                 shape: pair(INDEX, plain(8)),
             },
         ),
@@ -563,7 +630,7 @@ pub mod layout {
         (
             "RINGS",
             MapLayout {
-                version: 2,
+                version: 3,
                 shape: pair(INDEX, plain(8)),
             },
         ),

@@ -1,14 +1,44 @@
 //! `decap`, for backends: strip our IPIP / IP6IP6 / 4-in-6 / GUE encapsulation so the
 //! inner packet (client → VIP) reaches the backend's stack as if it had been routed there.
 //! This kernel has no IPIP, FOU or GUE devices, so the backends do it in XDP.
-use aya_ebpf::{bindings::xdp_action::*, helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{DecapReason, GUE_PORT, PROTO_UDP};
+//!
+//! A stateless VIP's packet (GUE variant 0 with our private data) may carry a second
+//! chance: when it belongs to no connection of this host, it is sent on once to the
+//! secondary backend it names instead (docs/dataplane.md, "decap: the second chance").
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup as FibParams, bpf_sock_tuple, xdp_action::*, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_F_CURRENT_NETNS,
+    },
+    helpers::{
+        bpf_fib_lookup, bpf_redirect, bpf_sk_release, bpf_skc_lookup_tcp,
+        bpf_tcp_check_syncookie, bpf_xdp_adjust_head,
+    },
+    programs::XdpContext,
+};
+use lb_common::{
+    DecapReason, GUE_F_REDIRECTED, GUE_F_SECOND, GUE_LB_MAGIC, GUE_PORT, OUTER_TTL, PROTO_TCP,
+    PROTO_UDP,
+};
 
-use crate::pkt::*;
+use crate::{csum::fold, pkt::*};
+
+/// TCP states as `bpf_sock::state` reports them (include/net/tcp_states.h).
+const TCP_LISTEN: u32 = 10;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Our private data in a GUE variant 0 header: where it is and its flags byte.
+struct Chance {
+    /// Offset of the private data ("LB", flags, 0, secondary address).
+    at: usize,
+    flags: u8,
+}
 
 #[inline(always)]
 pub fn decap(ctx: &XdpContext) -> (u32, DecapReason) {
     const PASS: (u32, DecapReason) = (XDP_PASS, DecapReason::Pass);
+    const BAD: (u32, DecapReason) = (XDP_DROP, DecapReason::DropMalformed);
     let Some(eth) = check(ctx, 0, 14) else {
         return PASS;
     };
@@ -22,6 +52,7 @@ pub fn decap(ctx: &XdpContext) -> (u32, DecapReason) {
         l3 = 18;
     }
     // (offset of the inner packet, its protocol: 4 = IPv4, 41 = IPv6, 17 = GUE)
+    let outer6 = et == ETH_P_IPV6;
     let (inner, proto) = if et == ETH_P_IP {
         let Some(ip) = check(ctx, l3, 20) else {
             return PASS;
@@ -35,7 +66,7 @@ pub fn decap(ctx: &XdpContext) -> (u32, DecapReason) {
             return PASS;
         }
         (l3 + ihl, ld8(ip + 9))
-    } else if et == ETH_P_IPV6 {
+    } else if outer6 {
         let Some(ip) = check(ctx, l3, 40) else {
             return PASS;
         };
@@ -46,6 +77,7 @@ pub fn decap(ctx: &XdpContext) -> (u32, DecapReason) {
     } else {
         return PASS;
     };
+    let mut chance = None;
     let (inner, family) = match proto {
         4 => (inner, 4),
         41 => (inner, 6),
@@ -56,35 +88,220 @@ pub fn decap(ctx: &XdpContext) -> (u32, DecapReason) {
             if ld16(udp + 2) != GUE_PORT.to_be() {
                 return PASS;
             }
-            // Verifier: a 1-byte check compiles to `end > p`, which proves no range; any
-            // inner header has 20 bytes, so check those.
-            let Some(first) = check(ctx, inner + 8, 20) else {
-                return (XDP_DROP, DecapReason::DropMalformed);
+            let g = inner + 8;
+            // Verifier: a 1-byte check compiles to `end > p`, which proves no range; check
+            // the 4 bytes of a GUE header.
+            let Some(udp) = check(ctx, inner, 12) else {
+                return BAD;
             };
-            (inner + 8, ld8(first) >> 4)
+            let first = ld8(udp + 8);
+            match first >> 6 {
+                // Variant 1: the inner IP header right after UDP.
+                1 => (g, first >> 4),
+                // Variant 0: 4 bytes, then `hlen` words (ours: private data), then the
+                // packet of protocol `proto`. C (control) set is not data: malformed.
+                0 => {
+                    if first & 0x20 != 0 {
+                        return BAD;
+                    }
+                    let hlen = ((first & 0x1f) as usize) << 2;
+                    let family = match ld8(udp + 9) {
+                        4 => 4,
+                        41 => 6,
+                        _ => return BAD,
+                    };
+                    let ours = if outer6 { 20 } else { 8 };
+                    if hlen == ours {
+                        if let Some(pd) = check(ctx, g + 4, 20) {
+                            let m = ld16(pd);
+                            if m == u16::from_ne_bytes(GUE_LB_MAGIC) {
+                                chance = Some(Chance {
+                                    at: g + 4,
+                                    flags: ld8(pd + 2),
+                                });
+                            }
+                        }
+                    }
+                    (g + 4 + hlen, family)
+                }
+                _ => return BAD,
+            }
         }
         _ => return PASS,
     };
     let need = match family {
         4 => 20,
         6 => 40,
-        _ => return (XDP_DROP, DecapReason::DropMalformed),
+        _ => return BAD,
     };
     if check(ctx, inner, need).is_none() {
-        return (XDP_DROP, DecapReason::DropMalformed);
+        return BAD;
+    }
+    let mut reason = DecapReason::Decapped;
+    if let Some(c) = chance {
+        if local(ctx, inner, family) == Some(false) {
+            if c.flags & GUE_F_SECOND != 0 && c.flags & GUE_F_REDIRECTED == 0 {
+                return redirect(ctx, l3, outer6, c.at);
+            }
+            reason = DecapReason::NoSecondChance;
+        }
     }
     let Some(old) = check(ctx, 0, 18) else {
-        return (XDP_DROP, DecapReason::DropMalformed);
+        return BAD;
     };
     let (dst, src, tag) = (Mac::load(old), Mac::load(old + 6), ld16(old + 14));
     let strip = inner - l3;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip as i32) } != 0 {
-        return (XDP_DROP, DecapReason::DropMalformed);
+        return BAD;
     }
     let Some(p) = check(ctx, 0, l3) else {
-        return (XDP_DROP, DecapReason::DropMalformed);
+        return BAD;
     };
     let et = if family == 4 { ETH_P_IP } else { ETH_P_IPV6 };
     write_eth(p, l3, dst, src, tag, et);
-    (XDP_PASS, DecapReason::Decapped)
+    (XDP_PASS, reason)
+}
+
+/// Whether the inner packet at `inner` belongs on this host: `Some(true)` for a SYN (a new
+/// connection starts where the ring sent it) or a segment of a socket this host has
+/// (established, request or TIME_WAIT, or an ACK whose SYN cookie a listener accepts);
+/// `Some(false)` for a TCP segment of no connection here; `None` when it is not TCP (an
+/// ICMP error, an IPv6 extension header): accepted as it is.
+#[inline(always)]
+fn local(ctx: &XdpContext, inner: usize, family: u8) -> Option<bool> {
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let (ip, th, size, iph_len) = if family == 4 {
+        let ip = check(ctx, inner, 20)?;
+        let vihl = ld8(ip);
+        let ihl = ((vihl & 0xf) as usize) << 2;
+        if ld8(ip + 9) != PROTO_TCP || ihl < 20 || u16::from_be(ld16(ip + 6)) & 0x3fff != 0 {
+            return None;
+        }
+        let th = check(ctx, inner + ihl, 20)?;
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
+        t.saddr = ld32(ip + 12);
+        t.daddr = ld32(ip + 16);
+        t.sport = ld16(th);
+        t.dport = ld16(th + 2);
+        (ip, th, 12u32, 20u32)
+    } else {
+        let ip = check(ctx, inner, 40)?;
+        if ld8(ip + 6) != PROTO_TCP {
+            return None;
+        }
+        let th = check(ctx, inner + 40, 20)?;
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
+        t.saddr = ld_addr6(ip + 8);
+        t.daddr = ld_addr6(ip + 24);
+        t.sport = ld16(th);
+        t.dport = ld16(th + 2);
+        (ip, th, 36u32, 40u32)
+    };
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    if ld8(th + 13) & (SYN | ACK) == SYN {
+        return Some(true);
+    }
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.ctx as *mut _,
+            &mut tuple,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return Some(false);
+    }
+    // A listener matches any tuple: only an ACK carrying a valid SYN cookie (the listener
+    // overflowed and answered statelessly) makes the connection this host's.
+    let here = if unsafe { (*sk).state } == TCP_LISTEN {
+        let r = unsafe {
+            bpf_tcp_check_syncookie(sk as *mut _, ip as *mut _, iph_len, th as *mut _, 20)
+        };
+        r == 0
+    } else {
+        true
+    };
+    unsafe { bpf_sk_release(sk as *mut _) };
+    Some(here)
+}
+
+/// Send the packet on to the secondary it carries, marked redirected: outer destination :=
+/// the secondary, hop limit / TTL := 64, Ethernet from a FIB lookup. No route or
+/// neighbour yet: the stack forwards it (and resolves the neighbour for the next one).
+#[inline(always)]
+fn redirect(ctx: &XdpContext, l3: usize, outer6: bool, pd: usize) -> (u32, DecapReason) {
+    const BAD: (u32, DecapReason) = (XDP_DROP, DecapReason::DropMalformed);
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    fib.ifindex = ingress;
+    fib.l4_protocol = PROTO_UDP;
+    if outer6 {
+        let (Some(ip), Some(p)) = (check_fresh(ctx, l3, 40), check_fresh(ctx, pd, 20)) else {
+            return BAD;
+        };
+        st16(p + 2, u16::from_ne_bytes([ld8(p + 2) | GUE_F_REDIRECTED, ld8(p + 3)]));
+        let second = ld_addr6(p + 4);
+        st32(ip + 24, second[0]);
+        st32(ip + 28, second[1]);
+        st32(ip + 32, second[2]);
+        st32(ip + 36, second[3]);
+        st16(ip + 6, u16::from_ne_bytes([ld8(ip + 6), OUTER_TTL]));
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_1.tot_len = u16::from_be(ld16(ip + 4)) + 40;
+        fib.__bindgen_anon_3.ipv6_src = ld_addr6(ip + 8);
+        fib.__bindgen_anon_4.ipv6_dst = second;
+    } else {
+        let (Some(ip), Some(p)) = (check_fresh(ctx, l3, 28), check_fresh(ctx, pd, 8)) else {
+            return BAD;
+        };
+        // Our LB writes a 20-byte header; anything else keeps its checksum honest by
+        // the full sum below, so options are refused rather than summed.
+        if ld8(ip) != 0x45 {
+            return BAD;
+        }
+        st16(p + 2, u16::from_ne_bytes([ld8(p + 2) | GUE_F_REDIRECTED, ld8(p + 3)]));
+        let second = ld32(p + 4);
+        st32(ip + 16, second);
+        st16(ip + 8, u16::from_ne_bytes([OUTER_TTL, ld8(ip + 9)]));
+        st16(ip + 10, 0);
+        let mut sum = 0u64;
+        let mut i = 0;
+        while i < 20 {
+            sum += ld16(ip + i) as u64;
+            i += 2;
+        }
+        st16(ip + 10, fold(sum));
+        // An IPv4 UDP checksum may be 0; ours is, and a changed header would void another.
+        st16(ip + 26, 0);
+        fib.family = AF_INET;
+        fib.__bindgen_anon_1.tot_len = u16::from_be(ld16(ip + 2));
+        fib.__bindgen_anon_3.ipv4_src = ld32(ip + 12);
+        fib.__bindgen_anon_4.ipv4_dst = second;
+    }
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return (XDP_PASS, DecapReason::RedirectedStack);
+    }
+    let Some(eth) = check_fresh(ctx, 0, 12) else {
+        return BAD;
+    };
+    Mac::from_bytes(&fib.dmac).store(eth);
+    Mac::from_bytes(&fib.smac).store(eth + 6);
+    if fib.ifindex == ingress {
+        return (XDP_TX, DecapReason::Redirected);
+    }
+    (
+        unsafe { bpf_redirect(fib.ifindex, 0) } as u32,
+        DecapReason::Redirected,
+    )
 }

@@ -21,7 +21,23 @@ pub struct Frame {
     pub family: u8,
 }
 
+/// The second chance a stateless VIP's packet carries (in a GUE variant 0 header).
+#[derive(Clone, Copy)]
+pub struct Second {
+    pub stateless: bool,
+    /// The secondary backend's address, if the slot has one that holds connections.
+    pub addr: Option<[u32; 4]>,
+}
+
+impl Second {
+    pub const CONNTRACK: Second = Second {
+        stateless: false,
+        addr: None,
+    };
+}
+
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     ctx: &XdpContext,
     frame: &Frame,
@@ -30,6 +46,7 @@ pub fn forward(
     be: &Backend,
     cfg: &Config,
     icmp: bool,
+    second: &Second,
 ) -> Verdict {
     let ok = if icmp {
         Reason::TxIcmpForward
@@ -52,8 +69,16 @@ pub fn forward(
 
     let outer6 = be.family == FAMILY_V6;
     let gue = forwarding == Forwarding::Gue as u8;
+    // Stateless VIPs are GUE only (the agent refuses anything else): variant 0 with our
+    // private data after the UDP header.
+    let gue0 = gue && second.stateless;
     let ip_hdr = if outer6 { 40 } else { 20 };
-    let overhead = ip_hdr + if gue { 8 } else { 0 };
+    let gue_len = match (gue0, outer6) {
+        (false, _) => 0,
+        (true, false) => GUE_V0_LEN4,
+        (true, true) => GUE_V0_LEN6,
+    };
+    let overhead = ip_hdr + if gue { 8 + gue_len } else { 0 };
     if cfg.mtu != 0 && (frame.ip_len + overhead) as u32 > cfg.mtu {
         if icmp || !frame.df {
             return (XDP_DROP, Reason::DropTooBig);
@@ -138,7 +163,7 @@ pub fn forward(
             return (XDP_DROP, Reason::DropHelper);
         };
         let sport = 0xc000 | (entropy & 0x3fff) as u16;
-        let ulen = (frame.ip_len + 8) as u16;
+        let ulen = (frame.ip_len + 8 + gue_len) as u16;
         st32(
             udp,
             w(
@@ -149,6 +174,34 @@ pub fn forward(
             ),
         );
         st32(udp + 4, w((ulen >> 8) as u8, ulen as u8, 0, 0));
+    }
+    if gue0 {
+        // GUE variant 0: version 0, C 0, hlen (private data words), protocol of the inner
+        // packet, flags 0; then "LB", flags, 0, the secondary's address (or zeros).
+        let inner = if frame.family == FAMILY_V4 { 4 } else { 41 };
+        let (flags, addr) = match second.addr {
+            Some(a) => (GUE_F_SECOND, a),
+            None => (0, [0; 4]),
+        };
+        let m = GUE_LB_MAGIC;
+        if outer6 {
+            let Some(g) = check(ctx, l3 + 48, GUE_V0_LEN6) else {
+                return (XDP_DROP, Reason::DropHelper);
+            };
+            st32(g, w(((GUE_V0_LEN6 - 4) / 4) as u8, inner, 0, 0));
+            st32(g + 4, w(m[0], m[1], flags, 0));
+            st32(g + 8, addr[0]);
+            st32(g + 12, addr[1]);
+            st32(g + 16, addr[2]);
+            st32(g + 20, addr[3]);
+        } else {
+            let Some(g) = check(ctx, l3 + 28, GUE_V0_LEN4) else {
+                return (XDP_DROP, Reason::DropHelper);
+            };
+            st32(g, w(((GUE_V0_LEN4 - 4) / 4) as u8, inner, 0, 0));
+            st32(g + 4, w(m[0], m[1], flags, 0));
+            st32(g + 8, addr[0]);
+        }
     }
     (XDP_TX, ok)
 }

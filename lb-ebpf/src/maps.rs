@@ -24,10 +24,11 @@ pub static VIP_INFO: Array<VipInfo> = Array::with_max_entries(MAX_VIPS, 0);
 #[map]
 pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
 
-/// One word: bit `vip_filter_bit(addr)` is set for every VIP address (a one-hash Bloom
-/// filter), so most non-VIP packets pass without a `VIPS` lookup.
+/// Two words. `[0]`: bit `vip_filter_bit(addr)` is set for every VIP address (a one-hash
+/// Bloom filter), so most non-VIP packets pass without a `VIPS` lookup. `[1]`: the same for
+/// addresses of stateless VIPs, whose packets look up `VIPS` before (instead of) `CONNS`.
 #[map]
-pub static VIP_FILTER: Array<u64> = Array::with_max_entries(1, 0);
+pub static VIP_FILTER: Array<u64> = Array::with_max_entries(2, 0);
 
 /// Maglev rings, two per VIP (double buffer), `ring_stride` (even) slots each: backend
 /// ids, two per element. The kernel rounds array values up to 8 bytes, so a `u32` element

@@ -60,6 +60,15 @@ fn maybe_vip(addr: &[u32; 4]) -> bool {
     }
 }
 
+/// False when no stateless VIP can have this address (`VIP_FILTER[1]`).
+#[inline(always)]
+fn maybe_stateless(addr: &[u32; 4]) -> bool {
+    match VIP_FILTER.get(1) {
+        Some(f) => (*f >> vip_filter_bit(addr)) & 1 != 0,
+        None => false,
+    }
+}
+
 /// A fragment, ICMP or other protocol: ours only if the address carries a VIP.
 #[inline(always)]
 fn vip_address(addr: [u32; 4], family: u8) -> bool {
@@ -212,6 +221,20 @@ fn l4_to_vip(
         proto,
         family: frame.family,
     };
+    // An address with a stateless VIP: the VIP first, so that its packets never pay for a
+    // connection-table lookup (at a million flows, two cache misses they have no use for).
+    if maybe_stateless(&dst) {
+        let Some(vip) = VIPS.get_ptr(&key) else {
+            return pass(Reason::PassNotVip);
+        };
+        let vip = unsafe { &*vip };
+        let conn = if seg.syn || vip.flags & VIP_F_STATELESS != 0 {
+            None
+        } else {
+            conn_of(&flow)
+        };
+        return to_backend(ctx, frame, &flow, vip, conn, Some(seg));
+    }
     // A SYN opens a connection: it always follows the ring, never an old entry (a client
     // reusing its port must not land on a backend that was drained or removed since).
     let conn = if seg.syn { None } else { conn_of(&flow) };

@@ -4,7 +4,7 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::*;
 
 use crate::{
-    forward::{forward, Frame},
+    forward::{forward, Frame, Second},
     maps::{bump_counters, BACKENDS, BE_STATS, CONFIG, CONNS, RINGS, VIP_INFO, VIP_STATS},
     parse::{drop, Verdict},
 };
@@ -107,7 +107,7 @@ pub fn established(
         forwarding: info.forwarding,
         backend,
     };
-    Some(send(ctx, frame, flow, &to, be, cfg, false, false))
+    Some(send(ctx, frame, flow, &to, be, cfg, false, false, Second::CONNTRACK))
 }
 
 /// Where a selected packet goes: its VIP (counters, forwarding mode) and backend.
@@ -129,9 +129,10 @@ fn send(
     cfg: &Config,
     new: bool,
     icmp: bool,
+    second: Second,
 ) -> Verdict {
     bump_counters(&VIP_STATS, to.vip, frame.len as u64, new);
-    let verdict = forward(ctx, frame, flow, to.forwarding, be, cfg, icmp);
+    let verdict = forward(ctx, frame, flow, to.forwarding, be, cfg, icmp, &second);
     if verdict.1 == Reason::TxForward || verdict.1 == Reason::TxIcmpForward {
         bump_counters(&BE_STATS, to.backend, frame.len as u64, new);
     }
@@ -153,7 +154,7 @@ pub fn to_backend(
         return drop(Reason::DropNoConfig);
     };
     let icmp = seg.is_none();
-    let (id, be, new) = match select(flow, vip, cfg, conn, seg) {
+    let (id, be, new, second) = match select(flow, vip, cfg, conn, seg) {
         Ok(sel) => sel,
         Err(r) => {
             bump_counters(&VIP_STATS, vip.id, frame.len as u64, false);
@@ -165,7 +166,7 @@ pub fn to_backend(
         forwarding: vip.forwarding,
         backend: id,
     };
-    send(ctx, frame, flow, &to, be, cfg, new, icmp)
+    send(ctx, frame, flow, &to, be, cfg, new, icmp, second)
 }
 
 #[inline(always)]
@@ -175,13 +176,14 @@ fn select<'a>(
     cfg: &Config,
     conn: Option<*mut ConnVal>,
     seg: Option<Segment>,
-) -> Result<(u32, &'a Backend, bool), Reason> {
-    if let Some(c) = conn {
+) -> Result<(u32, &'a Backend, bool, Second), Reason> {
+    let stateless = vip.flags & VIP_F_STATELESS != 0;
+    if let Some(c) = conn.filter(|_| !stateless) {
         if let Some(be) = holds(unsafe { &*c }, vip.id) {
             if let Some(seg) = seg {
                 touch(c, seg);
             }
-            return Ok((unsafe { (*c).backend }, be, false));
+            return Ok((unsafe { (*c).backend }, be, false, Second::CONNTRACK));
         }
     }
     if vip.ring_size == 0 {
@@ -192,15 +194,40 @@ fn select<'a>(
     let Some(pair) = RINGS.get(slot >> 1) else {
         return Err(Reason::DropNoBackend);
     };
-    let id = pair[(slot & 1) as usize];
+    let word = pair[(slot & 1) as usize];
+    let id = ring_primary(word);
     let Some(be) = BACKENDS.get(id) else {
         return Err(Reason::DropNoBackend);
     };
     if be.state == BACKEND_EMPTY {
         return Err(Reason::DropNoBackend);
     }
+    if stateless {
+        // No table: the slot's secondary travels with the packet, if it still holds
+        // connections (up or draining) in this VIP and shares the primary's family.
+        let sid = ring_secondary(word);
+        let second = if sid == id {
+            None
+        } else {
+            BACKENDS.get(sid).filter(|s| {
+                (s.state == BACKEND_UP || s.state == BACKEND_DRAINING)
+                    && s.vip == vip.id
+                    && s.family == be.family
+            })
+        };
+        let new = matches!(seg, Some(s) if s.syn);
+        return Ok((
+            id,
+            be,
+            new,
+            Second {
+                stateless: true,
+                addr: second.map(|s| s.addr),
+            },
+        ));
+    }
     let Some(seg) = seg else {
-        return Ok((id, be, false));
+        return Ok((id, be, false, Second::CONNTRACK));
     };
     if seg.syn {
         // A bare SYN creates no entry (the ring routes the handshake's next packet the same
@@ -210,7 +237,7 @@ fn select<'a>(
         if CONNS.get_ptr(flow).is_some() {
             let _ = CONNS.remove(flow);
         }
-        return Ok((id, be, false));
+        return Ok((id, be, false, Second::CONNTRACK));
     }
     let entry = ConnVal {
         backend: id,
@@ -220,5 +247,5 @@ fn select<'a>(
         atime: unsafe { bpf_ktime_get_coarse_ns() },
     };
     let _ = CONNS.insert(flow, &entry, 0);
-    Ok((id, be, true))
+    Ok((id, be, true, Second::CONNTRACK))
 }

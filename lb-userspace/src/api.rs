@@ -15,7 +15,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BackendConfig, Forwarding, MacAddr, Protocol, VipConfig, XdpMode};
+use crate::config::{BackendConfig, Forwarding, MacAddr, Mode, Protocol, VipConfig, XdpMode};
 
 /// Where the agents keep their sockets and run-time files.
 pub fn run_dir() -> PathBuf {
@@ -136,6 +136,7 @@ pub struct VipRow {
     pub port: u16,
     pub protocol: Protocol,
     pub forwarding: Forwarding,
+    pub mode: Mode,
     pub affinity: bool,
     /// Backends configured.
     pub backends: usize,

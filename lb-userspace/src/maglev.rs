@@ -73,6 +73,31 @@ impl std::error::Error for MaglevError {}
 /// Cost: expected O(M log M) time, about 2 ms for M = 65537 and 1000 backends, and
 /// about 16 bytes of scratch per slot, so `m` is expected to be moderate (default 65537).
 pub fn build(seed: u32, backends: &[MaglevInput<'_>], m: u32) -> Result<Vec<u32>, MaglevError> {
+    build_inner(seed, backends, m, false).map(|(t, _)| t)
+}
+
+/// No second choice for a slot (see [`build_with_seconds`]).
+pub const NO_SECOND: u32 = u32::MAX;
+
+/// As [`build`], and for each slot the *second choice*: the first other backend whose
+/// preference walk reached the slot after it was taken (an index into `backends`), or
+/// [`NO_SECOND`] (slots filled in the last turns, which no walk crossed). When a backend
+/// joins and takes a slot, the slot's old owner is usually its second choice: what the
+/// stateless mode carries when the previous owner is not known.
+pub fn build_with_seconds(
+    seed: u32,
+    backends: &[MaglevInput<'_>],
+    m: u32,
+) -> Result<(Vec<u32>, Vec<u32>), MaglevError> {
+    build_inner(seed, backends, m, true)
+}
+
+fn build_inner(
+    seed: u32,
+    backends: &[MaglevInput<'_>],
+    m: u32,
+    seconds: bool,
+) -> Result<(Vec<u32>, Vec<u32>), MaglevError> {
     if !is_prime(m) {
         return Err(MaglevError::NotPrime(m));
     }
@@ -96,7 +121,7 @@ pub fn build(seed: u32, backends: &[MaglevInput<'_>], m: u32) -> Result<Vec<u32>
     }
     order.retain(|&i| backends[i as usize].weight > 0);
     if order.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     if order.len() > m as usize {
         return Err(MaglevError::TooSmall {
@@ -107,12 +132,22 @@ pub fn build(seed: u32, backends: &[MaglevInput<'_>], m: u32) -> Result<Vec<u32>
 
     let weights: Vec<u32> = order.iter().map(|&i| backends[i as usize].weight).collect();
     let quota = apportion(m, &weights);
-    let mut table = fill(seed, backends, &order, &weights, &quota, m);
+    let mut second = if seconds {
+        vec![NO_SECOND; m as usize]
+    } else {
+        Vec::new()
+    };
+    let mut table = fill(seed, backends, &order, &weights, &quota, m, &mut second);
     // `fill` works with positions in `order`; hand back the caller's indices.
     for e in &mut table {
         *e = order[*e as usize];
     }
-    Ok(table)
+    for e in &mut second {
+        if *e != NO_SECOND {
+            *e = order[*e as usize];
+        }
+    }
+    Ok((table, second))
 }
 
 /// Whether `n` is prime (trial division: at most ~11k steps for a u32).
@@ -254,6 +289,7 @@ fn fill(
     weights: &[u32],
     quota: &[u32],
     m: u32,
+    second: &mut [u32],
 ) -> Vec<u32> {
     const EMPTY: u32 = u32::MAX; // positions are < m <= u32::MAX - 4
     let mut next = Vec::with_capacity(order.len()); // next preferred slot of each backend
@@ -283,6 +319,11 @@ fn fill(
         let (p, pos) = ((turn >> 32) as usize, (turn >> 32) as u32);
         let (mut cur, skip) = (next[p], skip[p]);
         while table[cur as usize] != EMPTY {
+            if let Some(s) = second.get_mut(cur as usize) {
+                if *s == EMPTY && table[cur as usize] != pos {
+                    *s = pos;
+                }
+            }
             cur = step(cur, skip);
         }
         table[cur as usize] = pos;

@@ -7,7 +7,7 @@
 //! two VIPs has two ids, so draining or removing it in one VIP never touches the other's
 //! flows, and a connection entry stops holding the moment its backend leaves its VIP.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     time::Instant,
 };
@@ -16,7 +16,7 @@ use anyhow::{anyhow, Context, Result};
 use lb_common::*;
 
 use crate::{
-    config::{BackendConfig, Config, VipConfig},
+    config::{BackendConfig, Config, Mode, VipConfig},
     dataplane::{addr_raw, ip_from_raw, port_raw, vip_info, Dataplane},
     maglev::{self, MaglevInput},
 };
@@ -140,11 +140,9 @@ pub fn adopt(dp: &mut Dataplane) -> Result<Applied> {
             }
         }
     }
-    let mut filter = dp.vip_filter.get(&0, 0)?;
     for (key, meta) in vips {
         let ring = dp.read_ring(meta.ring_base, meta.ring_size)?;
         dp.set_vip_info(meta.id, &vip_info(&key, &meta))?;
-        filter |= 1u64 << vip_filter_bit(&key.addr);
         applied.vips.insert(
             key,
             AppliedVip {
@@ -154,9 +152,7 @@ pub fn adopt(dp: &mut Dataplane) -> Result<Applied> {
             },
         );
     }
-    if dp.vip_filter.get(&0, 0)? != filter {
-        dp.vip_filter.set(0, filter, 0)?;
-    }
+    dp.refresh_vip_filter()?;
     // An earlier agent may have died between retiring ids and sweeping their entries:
     // sweep now, so that no entry outlives what it names (the ids leave quarantine later).
     if !orphans.is_empty() {
@@ -211,15 +207,87 @@ pub fn ring_hash(ring: &[u32]) -> u64 {
 /// The Maglev ring of a VIP as backend addresses: its active backends, named by address so
 /// that every LB host with the same config builds the same ring.
 pub fn ring_addresses(cfg: &Config, v: &VipConfig) -> Result<Vec<IpAddr>> {
-    let (active, table) = ring_of(cfg, v)?;
+    let (active, table, _) = ring_of(cfg, v)?;
     Ok(table
         .into_iter()
         .map(|i| active[i as usize].address)
         .collect())
 }
 
-/// A VIP's active backends and its Maglev table of indices into them.
-fn ring_of<'a>(cfg: &Config, v: &'a VipConfig) -> Result<(Vec<&'a BackendConfig>, Vec<u32>)> {
+/// No backend id (never a valid one: ids are below `agent.max_backends` <= 65536).
+const NO_ID: u32 = u32::MAX;
+
+/// A stateless VIP's ring words: each slot's primary (`ring`) with a secondary, the first
+/// of these that holds connections (up or draining in this VIP) and is not the primary:
+/// 1. the slot's primary in the live ring `prev` (the slot moved: its connections are
+///    there);
+/// 2. the secondary in `prev` (a slot that moved before keeps its second chance until it
+///    moves again);
+/// 3. the slot's owner in a ring that still counts the draining backends (after a restart
+///    without the live ring, a drain in progress is still known);
+/// 4. the slot's Maglev second choice (`seconds`, ids): usually the old owner of a slot a
+///    joining backend took, so LB hosts without history agree with those that have it.
+///
+/// Otherwise none (secondary = primary). 1 and 2 make a host's choice depend on the rings
+/// it has seen: hosts that saw the same changes agree; see docs/dataplane.md.
+fn with_secondaries(
+    cfg: &Config,
+    v: &VipConfig,
+    key: &VipKey,
+    applied: &Applied,
+    ring: Vec<u32>,
+    prev: Option<Vec<u32>>,
+    seconds: &[u32],
+) -> Result<Vec<u32>> {
+    let holds: HashSet<u32> = applied
+        .members
+        .iter()
+        .filter(|((k, _), (_, be))| {
+            k == key && (be.state == BACKEND_UP || be.state == BACKEND_DRAINING)
+        })
+        .map(|(_, (id, _))| *id)
+        .collect();
+    let draining = v.backends.iter().any(|b| b.drain && !b.down && b.weight > 0);
+    let with_draining: Option<Vec<u32>> = if draining {
+        let mut all = v.clone();
+        for b in &mut all.backends {
+            b.drain = false;
+        }
+        let (active, table, _) = ring_of(cfg, &all)?;
+        let ids: Vec<u32> = active
+            .iter()
+            .map(|b| applied.member_id(key, &b.address).unwrap_or(NO_ID))
+            .collect();
+        Some(table.into_iter().map(|i| ids[i as usize]).collect())
+    } else {
+        None
+    };
+    Ok(ring
+        .iter()
+        .enumerate()
+        .map(|(s, &p)| {
+            let ok = |id: u32| id != p && holds.contains(&id);
+            let old = prev.as_ref().map(|r| r[s]);
+            let second = [
+                old.map(ring_primary),
+                old.map(ring_secondary),
+                with_draining.as_ref().map(|r| r[s]),
+                seconds.get(s).copied(),
+            ]
+            .into_iter()
+            .flatten()
+            .find(|&id| ok(id))
+            .unwrap_or(p);
+            ring_word(p, second)
+        })
+        .collect())
+}
+
+/// A VIP's active backends, its Maglev table of indices into them, and each slot's second
+/// choice (an index, or `maglev::NO_SECOND`).
+type Table<'a> = (Vec<&'a BackendConfig>, Vec<u32>, Vec<u32>);
+
+fn ring_of<'a>(cfg: &Config, v: &'a VipConfig) -> Result<Table<'a>> {
     let active: Vec<_> = v.backends.iter().filter(|b| b.active()).collect();
     let names: Vec<String> = active.iter().map(|b| b.address.to_string()).collect();
     let input: Vec<MaglevInput> = active
@@ -230,9 +298,13 @@ fn ring_of<'a>(cfg: &Config, v: &'a VipConfig) -> Result<(Vec<&'a BackendConfig>
             weight: b.weight,
         })
         .collect();
-    let table = maglev::build(cfg.agent.hash_seed, &input, cfg.agent.ring_size)
-        .map_err(|e| anyhow!("vip[{}]: ring: {e:?}", v.name))?;
-    Ok((active, table))
+    let (table, seconds) = if v.mode == Mode::Stateless {
+        maglev::build_with_seconds(cfg.agent.hash_seed, &input, cfg.agent.ring_size)
+    } else {
+        maglev::build(cfg.agent.hash_seed, &input, cfg.agent.ring_size).map(|t| (t, Vec::new()))
+    }
+    .map_err(|e| anyhow!("vip[{}]: ring: {e:?}", v.name))?;
+    Ok((active, table, seconds))
 }
 
 /// The next id from `from` on that `taken` does not claim. `from` is a cursor kept across
@@ -383,13 +455,32 @@ pub fn reconcile(
         }
         // Slot -> backend index -> id: one id lookup per backend, not one per slot
         // (65,537 hash lookups were most of a rebuild).
-        let (active, table) = ring_of(cfg, v)?;
+        let (active, table, seconds) = ring_of(cfg, v)?;
         let id_of: Vec<u32> = active
             .iter()
             .map(|b| applied.members[&(key, b.address)].0)
             .collect();
-        let ring: Vec<u32> = table.into_iter().map(|i| id_of[i as usize]).collect();
-        let flags = if v.affinity { VIP_F_AFFINITY } else { 0 };
+        let mut ring: Vec<u32> = table.into_iter().map(|i| id_of[i as usize]).collect();
+        if v.mode == Mode::Stateless {
+            let prev = match applied.vips.get(&key) {
+                Some(a)
+                    if a.meta.ring_size == ring.len() as u32
+                        && a.meta.flags & VIP_F_STATELESS != 0 =>
+                {
+                    Some(dp.read_ring(a.meta.ring_base, a.meta.ring_size)?)
+                }
+                _ => None,
+            };
+            let seconds: Vec<u32> = seconds
+                .into_iter()
+                .map(|i| id_of.get(i as usize).copied().unwrap_or(NO_ID))
+                .collect();
+            ring = with_secondaries(cfg, v, &key, applied, ring, prev, &seconds)?;
+        }
+        let mut flags = if v.affinity { VIP_F_AFFINITY } else { 0 };
+        if v.mode == Mode::Stateless {
+            flags |= VIP_F_STATELESS;
+        }
         let forwarding = v.forwarding.to_common() as u8;
         let (id, is_new) = ids[&key];
         let which = match applied.vips.get(&key) {

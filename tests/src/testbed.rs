@@ -197,6 +197,8 @@ pub struct VipSpec {
     pub port: u16,
     pub protocol: Protocol,
     pub forwarding: Forwarding,
+    /// `conntrack` (default) or `stateless`.
+    pub mode: lb_userspace::config::Mode,
     /// Use the backends' IPv6 (else IPv4) addresses: ipip 4-in-6, gue 4-in-6 / 6-in-4.
     pub backends_v6: bool,
     /// Weight of each testbed backend in order; missing entries get the default weight.
@@ -224,6 +226,7 @@ impl VipSpec {
             port,
             protocol,
             forwarding,
+            mode: Default::default(),
             backends_v6: address.is_ipv6(),
             weights: Vec::new(),
             health: None,
@@ -241,6 +244,13 @@ impl VipSpec {
     /// UDP to [`UDP_PORT`].
     pub fn udp(name: &str, address: impl Into<IpAddr>, forwarding: Forwarding) -> VipSpec {
         VipSpec::new(name, address.into(), UDP_PORT, Protocol::Udp, forwarding)
+    }
+
+    /// TCP to [`HTTP_PORT`] over GUE, stateless (second chance).
+    pub fn stateless(name: &str, address: impl Into<IpAddr>) -> VipSpec {
+        let mut v = VipSpec::tcp(name, address, Forwarding::Gue);
+        v.mode = lb_userspace::config::Mode::Stateless;
+        v
     }
 
     pub fn with_backends_v6(mut self, v6: bool) -> VipSpec {
@@ -953,6 +963,7 @@ max_conns = 65536
             port: spec.port,
             protocol: spec.protocol,
             forwarding: spec.forwarding,
+            mode: spec.mode,
             affinity: false,
             backends: self
                 .backends()
@@ -1183,7 +1194,7 @@ max_conns = 65536
         let mut cache = std::collections::HashMap::new();
         for s in 0..meta.ring_size {
             let g = meta.ring_base + s;
-            let id = rings.get(&(g / 2), 0)?[(g % 2) as usize];
+            let id = lb_common::ring_primary(rings.get(&(g / 2), 0)?[(g % 2) as usize]);
             let addr = match cache.get(&id) {
                 Some(a) => *a,
                 None => {

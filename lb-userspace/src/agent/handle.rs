@@ -108,6 +108,7 @@ impl Agent {
                         port: v.port,
                         protocol: v.protocol,
                         forwarding: v.forwarding,
+                        mode: v.mode,
                         affinity: v.affinity,
                         backends: v.backends.len(),
                         active: v.backends.iter().filter(|b| b.active()).count(),

@@ -15,7 +15,7 @@ use lb_userspace::{
     agent,
     api::{self, Reply, Request},
     config::{
-        BackendConfig, CheckKind, Forwarding, HealthSpec, MacAddr, Protocol, Via, VipConfig,
+        BackendConfig, CheckKind, Forwarding, HealthSpec, MacAddr, Mode, Protocol, Via, VipConfig,
         DEFAULT_WEIGHT,
     },
 };
@@ -98,6 +98,10 @@ enum VipCmd {
         /// How packets reach the backends.
         #[arg(long, value_enum, default_value_t = Forwarding::Ipip)]
         forwarding: Forwarding,
+        /// conntrack (a connection table on the LB) or stateless (second chance on the
+        /// backends; TCP over gue only).
+        #[arg(long, value_enum, default_value_t = Mode::Conntrack)]
+        mode: Mode,
         /// Send every flow of a client to one backend.
         #[arg(long)]
         affinity: bool,
@@ -207,6 +211,7 @@ impl Cmd {
                     port,
                     protocol,
                     forwarding,
+                    mode,
                     affinity,
                     check,
                     via,
@@ -231,6 +236,7 @@ impl Cmd {
                             port,
                             protocol,
                             forwarding,
+                            mode,
                             affinity,
                             health: (health != HealthSpec::default()).then_some(health),
                             panic_threshold,

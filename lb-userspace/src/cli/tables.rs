@@ -151,11 +151,12 @@ fn vips(rows: &[VipRow]) -> String {
             "PORT",
             "PROTOCOL",
             "FORWARDING",
+            "MODE",
             "AFFINITY",
             "BACKENDS",
             "ACTIVE",
         ],
-        &[2, 6, 7],
+        &[2, 7, 8],
     );
     for v in rows {
         t.add_row(vec![
@@ -164,6 +165,7 @@ fn vips(rows: &[VipRow]) -> String {
             v.port.to_string(),
             v.protocol.to_string(),
             v.forwarding.to_string(),
+            v.mode.to_string(),
             yes(v.affinity).into(),
             v.backends.to_string(),
             v.active.to_string(),

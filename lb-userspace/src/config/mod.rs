@@ -302,6 +302,35 @@ impl fmt::Display for Forwarding {
     }
 }
 
+/// How a VIP keeps established connections on their backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A connection table on the LB (IPVS's and Katran's way): any protocol, any
+    /// forwarding, backends need nothing but decap.
+    #[default]
+    Conntrack,
+    /// No table (GLB's and Unimog's way): every packet goes to its ring slot's primary,
+    /// which sends a packet of a connection it does not have on to the slot's secondary.
+    /// TCP over GUE only.
+    Stateless,
+}
+
+impl Mode {
+    fn is_default(&self) -> bool {
+        *self == Mode::Conntrack
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Conntrack => "conntrack",
+            Mode::Stateless => "stateless",
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VipConfig {
@@ -311,6 +340,9 @@ pub struct VipConfig {
     pub protocol: Protocol,
     #[serde(default)]
     pub forwarding: Forwarding,
+    /// `conntrack` (default) or `stateless` (second chance; TCP over GUE).
+    #[serde(default, skip_serializing_if = "Mode::is_default")]
+    pub mode: Mode,
     /// Hash only the client address: every flow of a client lands on one backend.
     #[serde(default, skip_serializing_if = "is_false")]
     pub affinity: bool,
@@ -339,6 +371,7 @@ impl Default for VipConfig {
             port: 0,
             protocol: Protocol::Tcp,
             forwarding: Forwarding::default(),
+            mode: Mode::default(),
             affinity: false,
             health: None,
             panic_threshold: None,
@@ -689,6 +722,33 @@ impl VipConfig {
         }
         if self.port == 0 {
             return err(format!("{at}.port"), "must be 1-65535");
+        }
+        if self.mode == Mode::Stateless {
+            if self.protocol != Protocol::Tcp {
+                return err(
+                    format!("{at}.mode"),
+                    "stateless needs protocol = \"tcp\" (a backend can look up only a TCP \
+                     connection; use conntrack for UDP)",
+                );
+            }
+            if self.forwarding != Forwarding::Gue {
+                return err(
+                    format!("{at}.mode"),
+                    "stateless needs forwarding = \"gue\" (the secondary backend travels \
+                     in the GUE header)",
+                );
+            }
+            if let Some(i) = self
+                .backends
+                .iter()
+                .position(|b| b.address.is_ipv4() != self.backends[0].address.is_ipv4())
+            {
+                return err(
+                    format!("{at}.backends[{i}].address"),
+                    "a stateless VIP's backends must share one address family (a backend \
+                     redirects within the outer header it received)",
+                );
+            }
         }
         let mut addrs = HashSet::new();
         for (i, b) in self.backends.iter().enumerate() {
@@ -1309,6 +1369,7 @@ backends = [
                     port: 8080,
                     protocol: Protocol::Udp,
                     forwarding: Forwarding::L2dsr,
+                    mode: Mode::Conntrack,
                     affinity: true,
                     health: Some(HealthSpec {
                         kind: Some(CheckKind::Udp),
@@ -1345,6 +1406,7 @@ backends = [
                     port: 1,
                     protocol: Protocol::Tcp,
                     forwarding: Forwarding::Gue,
+                    mode: Mode::Conntrack,
                     affinity: false,
                     health: Some(HealthSpec {
                         kind: Some(CheckKind::Http),

@@ -148,7 +148,7 @@ const fn const_eq(a: &str, b: &str) -> bool {
 pub const MAPS: [MapSpec; 14] = [
     spec::<VipKey, VipMeta>("VIPS", HASH, 0, Capacity::Vips),
     spec::<AddrKey, u32>("VIP_ADDRS", HASH, 0, Capacity::Vips),
-    spec::<u32, u64>("VIP_FILTER", ARRAY, 0, Capacity::Fixed(1)),
+    spec::<u32, u64>("VIP_FILTER", ARRAY, 0, Capacity::Fixed(2)),
     spec::<u32, VipInfo>("VIP_INFO", ARRAY, 0, Capacity::Vips),
     spec::<u32, [u32; 2]>("RINGS", ARRAY, 0, Capacity::Rings),
     spec::<u32, Backend>("BACKENDS", ARRAY, 0, Capacity::Backends),

@@ -356,12 +356,23 @@ impl Dataplane {
 
     /// Make a VIP live (or update it: one hash-map update, atomic for readers). Its address
     /// enters `VIP_FILTER` and `VIP_ADDRS` first, so no packet to it is ever passed as
-    /// not-a-VIP once the VIP exists.
+    /// not-a-VIP once the VIP exists (and, for a stateless VIP, `VIP_FILTER[1]` too, so
+    /// that none of its packets reads `CONNS` once it is stateless).
     pub fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
-        let filter = self.vip_filter.get(&0, 0)? | 1u64 << vip_filter_bit(&key.addr);
-        self.vip_filter
-            .set(0, filter, 0)
-            .context("writing VIP_FILTER")?;
+        let bit = 1u64 << vip_filter_bit(&key.addr);
+        let stateless = meta.flags & VIP_F_STATELESS != 0;
+        let filter = self.vip_filter.get(&0, 0)?;
+        if filter & bit == 0 {
+            self.vip_filter
+                .set(0, filter | bit, 0)
+                .context("writing VIP_FILTER")?;
+        }
+        let filter1 = self.vip_filter.get(&1, 0)?;
+        if stateless && filter1 & bit == 0 {
+            self.vip_filter
+                .set(1, filter1 | bit, 0)
+                .context("writing VIP_FILTER")?;
+        }
         let ak = AddrKey {
             addr: key.addr,
             family: key.family,
@@ -371,7 +382,32 @@ impl Dataplane {
             .insert(ak, 1, 0)
             .context("writing VIP_ADDRS")?;
         self.set_vip_info(meta.id, &vip_info(key, meta))?;
-        self.vips.insert(key, meta, 0).context("writing VIPS")
+        self.vips.insert(key, meta, 0).context("writing VIPS")?;
+        if !stateless && filter1 & bit != 0 {
+            self.refresh_vip_filter()?;
+        }
+        Ok(())
+    }
+
+    /// Both `VIP_FILTER` words from what `VIPS` holds now.
+    pub fn refresh_vip_filter(&mut self) -> Result<()> {
+        let mut words = [0u64; 2];
+        for kv in self.vips.iter() {
+            let (k, m) = kv.context("reading VIPS")?;
+            let bit = 1u64 << vip_filter_bit(&k.addr);
+            words[0] |= bit;
+            if m.flags & VIP_F_STATELESS != 0 {
+                words[1] |= bit;
+            }
+        }
+        for (i, w) in words.into_iter().enumerate() {
+            if self.vip_filter.get(&(i as u32), 0)? != w {
+                self.vip_filter
+                    .set(i as u32, w, 0)
+                    .context("writing VIP_FILTER")?;
+            }
+        }
+        Ok(())
     }
 
     /// `VIP_INFO[id]`, written only when it differs (one array element).
@@ -402,12 +438,7 @@ impl Dataplane {
                 .remove(&ak)
                 .context("removing from VIP_ADDRS")?;
         }
-        let filter = keys
-            .iter()
-            .fold(0u64, |f, k| f | 1u64 << vip_filter_bit(&k.addr));
-        self.vip_filter
-            .set(0, filter, 0)
-            .context("writing VIP_FILTER")
+        self.refresh_vip_filter()
     }
 
     /// Sum of a per-CPU reason counter array.

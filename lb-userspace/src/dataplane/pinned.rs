@@ -53,8 +53,10 @@ const V1_SIZES: [(&str, u32, u32); 12] = [
 
 /// Can this build turn a pinned map of layout version `from` into its own?
 fn convertible(name: &str, from: u32, to: u32) -> bool {
+    // Rings and filters are rebuilt from the config, never copied: any older one will do.
     from == to
-        || (from == 1 && to == 2 && matches!(name, "RINGS" | "BACKENDS" | "CONNS" | "BE_STATS"))
+        || (from == 1 && to == 2 && matches!(name, "BACKENDS" | "CONNS" | "BE_STATS"))
+        || (from < to && matches!(name, "RINGS" | "VIP_FILTER"))
 }
 
 /// Read what is pinned under `dir` and decide. Errors are refusals that name what differs
