@@ -247,7 +247,10 @@ fn with_secondaries(
         })
         .map(|(_, (id, _))| *id)
         .collect();
-    let draining = v.backends.iter().any(|b| b.drain && !b.down && b.weight > 0);
+    let draining = v
+        .backends
+        .iter()
+        .any(|b| b.drain && !b.down && b.weight > 0);
     let with_draining: Option<Vec<u32>> = if draining {
         let mut all = v.clone();
         for b in &mut all.backends {

@@ -9,3 +9,4 @@ pub mod packets;
 pub mod support;
 pub mod testbed;
 pub mod traffic;
+pub mod transfer;

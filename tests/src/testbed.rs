@@ -621,6 +621,17 @@ impl Testbed {
                     }
                     host.ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
                     host.ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+                    // Stateless VIPs: decap hands a second-chance redirect whose next hop
+                    // is not resolved yet to the stack, which forwards it (and resolves
+                    // the neighbour for the next one). No ICMP redirects about it.
+                    for (k, v) in [
+                        ("net.ipv4.ip_forward", "1"),
+                        ("net.ipv6.conf.all.forwarding", "1"),
+                        ("net.ipv4.conf.all.send_redirects", "0"),
+                        ("net.ipv4.conf.default.send_redirects", "0"),
+                    ] {
+                        host.ns.sysctl(k, v)?;
+                    }
                     if routed {
                         host.ns.ip(&[
                             "route",
@@ -754,9 +765,10 @@ impl Testbed {
         r.ns.ip(&[fam, "route", "show", &dst.to_string()])
     }
 
-    /// `pass` on the LB's bridge port (frames the LB sends with XDP_TX arrive there as XDP
-    /// frames, which a veth drops unless it runs XDP itself), `decap` on every backend's
-    /// `eth0`. Links and maps are pinned under `/sys/fs/bpf/<prefix>-xdp`.
+    /// `pass` on the LB's and the backends' bridge ports (frames the LB sends with XDP_TX,
+    /// and a backend's second-chance redirects, arrive there as XDP frames, which a veth
+    /// drops unless it runs XDP itself), `decap` on every backend's `eth0`. Links and maps
+    /// are pinned under `/sys/fs/bpf/<prefix>-xdp`.
     fn attach_xdp(&mut self) -> Result<()> {
         let dir = xdp_pin_dir(&self.prefix);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -779,6 +791,13 @@ impl Testbed {
                 IFACE,
                 "decap",
                 &dir.join(format!("decap-{}", be.name)),
+            )?;
+            attach_pinned(
+                &mut dp,
+                bridge,
+                &be.name,
+                "pass",
+                &dir.join(format!("pass-{}", be.name)),
             )?;
         }
         Ok(())
@@ -1135,6 +1154,9 @@ max_conns = 65536
             "--forwarding".into(),
             v.forwarding.to_string(),
         ]];
+        if v.mode != Default::default() {
+            cmds[0].extend(["--mode".into(), v.mode.to_string()]);
+        }
         for b in &v.backends {
             cmds.push(vec![
                 "backend".into(),
