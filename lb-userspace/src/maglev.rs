@@ -512,6 +512,57 @@ mod tests {
         }
     }
 
+    /// The second choice is another backend (never the slot's owner), the same table comes
+    /// with it, and nearly every slot has one (all but those filled in the last turns).
+    #[test]
+    fn second_choices_are_other_backends_of_the_same_table() {
+        let names = names(10);
+        let weights = assorted_weights(10);
+        let input = inputs(&names, &weights);
+        let (table, second) = build_with_seconds(SEED, &input, M).unwrap();
+        assert_eq!(table, build(SEED, &input, M).unwrap());
+        assert_eq!(second.len(), M as usize);
+        let mut none = 0;
+        for (s, (&t, &c)) in table.iter().zip(&second).enumerate() {
+            if c == NO_SECOND {
+                none += 1;
+                continue;
+            }
+            assert_ne!(t, c, "slot {s}: second choice is its owner");
+            assert!((c as usize) < input.len());
+        }
+        // The last ~sqrt(M)/2 turns take empty slots without walking over taken ones.
+        assert!(
+            none <= (M.isqrt() / 2) as usize,
+            "{none} slots without a second"
+        );
+    }
+
+    /// When a backend joins, the slots it takes mostly name their old owner as second
+    /// choice: an LB host that never saw the old ring carries the right secondary for
+    /// most moved flows. (Measured, not guaranteed: the first walker over a slot is not
+    /// always its old owner.)
+    #[test]
+    fn a_joining_backend_s_slots_mostly_name_their_old_owner_second() {
+        let names = names(11);
+        let weights = vec![1; 11];
+        let before = build(SEED, &inputs(&names[..10], &weights[..10]), M).unwrap();
+        let (after, second) = build_with_seconds(SEED, &inputs(&names, &weights), M).unwrap();
+        let (mut taken, mut named) = (0, 0);
+        for s in 0..M as usize {
+            if after[s] == 10 {
+                taken += 1;
+                named += (second[s] == before[s]) as usize;
+            }
+        }
+        println!("{named} of {taken} slots the new backend took name their old owner");
+        assert!(taken > 0);
+        assert!(
+            named * 10 >= taken * 9,
+            "{named} of {taken} slots the new backend took name their old owner"
+        );
+    }
+
     #[test]
     fn deterministic_and_order_independent() {
         let names = names(50);

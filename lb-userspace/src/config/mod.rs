@@ -994,6 +994,47 @@ backends = [
     }
 
     #[test]
+    fn stateless_vips_are_tcp_over_gue_with_backends_of_one_family() {
+        let ok = Config::parse(&GOOD.replace(
+            "protocol = \"tcp\"\n",
+            "protocol = \"tcp\"\nmode = \"stateless\"\nforwarding = \"gue\"\n",
+        ))
+        .unwrap();
+        assert_eq!(ok.vips[0].mode, Mode::Stateless);
+        ok.validate().unwrap();
+        assert_eq!(
+            with(|c| c.vips[0].mode = Mode::Stateless),
+            "vip[web].mode: stateless needs forwarding = \"gue\" (the secondary backend \
+             travels in the GUE header)"
+        );
+        assert_eq!(
+            with(|c| {
+                c.vips[0].mode = Mode::Stateless;
+                c.vips[0].forwarding = Forwarding::Gue;
+                c.vips[0].protocol = Protocol::Udp;
+            }),
+            "vip[web].mode: stateless needs protocol = \"tcp\" (a backend can look up only a \
+             TCP connection; use conntrack for UDP)"
+        );
+        assert_eq!(
+            with(|c| {
+                c.vips[0].mode = Mode::Stateless;
+                c.vips[0].forwarding = Forwarding::Gue;
+                c.vips[0].backends[1].address = "2001:db8::1".parse().unwrap();
+            }),
+            "vip[web].backends[1].address: a stateless VIP's backends must share one address \
+             family (a backend redirects within the outer header it received)"
+        );
+        assert!(Config::parse(&GOOD.replace(
+            "protocol = \"tcp\"\n",
+            "protocol = \"tcp\"\nmode = \"stateles\"\n"
+        ))
+        .unwrap_err()
+        .to_string()
+        .contains("stateles"));
+    }
+
+    #[test]
     fn addresses_that_cannot_work_are_refused_naming_the_field() {
         let cases = [
             ("0.0.0.0", "0.0.0.0 is the unspecified address"),
