@@ -312,3 +312,76 @@ fn stateless_ipv4_download_survives_empty_lb_restarts_slot_moves_kill_9_and_drai
 fn stateless_ipv6_download_survives_empty_lb_restarts_slot_moves_kill_9_and_drain() -> Result<()> {
     download_survives(true)
 }
+
+/// A `TcpExt:` counter of `/proc/net/netstat` in a backend's namespace.
+fn tcp_ext(tb: &Testbed, i: usize, name: &str) -> Result<u64> {
+    let text = tb.backends()[i].exec(&["cat", "/proc/net/netstat"])?;
+    let mut ext = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = ext.next().zip(ext.next()).context("no TcpExt lines")?;
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .with_context(|| format!("no TcpExt {name}"))
+}
+
+/// The connections a backend owns without a socket the lookup would find, and the ones it
+/// keeps after they close: with SYN cookies always on (`tcp_syncookies = 2`: no request
+/// socket, the handshake's ACK meets only the listener) and servers that close first
+/// (TIME_WAIT on the backend), every request through a stateless VIP whose slots carry
+/// secondaries succeeds and not one packet is redirected: the ACK is the listener's by its
+/// cookie, the last ACK the TIME_WAIT socket's. (Were either sent on to the secondary, it
+/// would answer with a reset: the request would fail, `redirected` or `no_second_chance`
+/// would count it.)
+#[test]
+fn syn_cookie_handshakes_and_time_wait_stay_on_their_backend() -> Result<()> {
+    const REQUESTS: usize = 60;
+    let mut tb = Testbed::up(opts("lbslck"))?;
+    let prefix = tb.prefix().to_string();
+    for b in tb.backends() {
+        b.ns.sysctl("net.ipv4.tcp_syncookies", "2")?;
+    }
+    let spec = VipSpec::stateless("web", IpAddr::from(VIP4));
+    tb.start_agent(&tb.agent_config(std::slice::from_ref(&spec))?)?;
+    let ring = tb.ring_on(0, &spec)?;
+    ensure!(!ring.is_empty(), "empty ring");
+    let before = tb.decap_counts()?;
+    let cookies: u64 = (0..3)
+        .map(|i| tcp_ext(&tb, i, "SyncookiesRecv"))
+        .sum::<Result<u64>>()?;
+    let addr = spec.socket_addr();
+    let answered = tb.in_client(|| {
+        (0..REQUESTS)
+            .map(|_| lb_tests::testbed::http_get(addr, "/", Duration::from_secs(5)))
+            .collect::<Result<Vec<_>>>()
+    })??;
+    ensure!(answered.len() == REQUESTS);
+    // The backends' last ACKs arrive just after the client's close.
+    std::thread::sleep(Duration::from_millis(300));
+    let after = tb.decap_counts()?;
+    let d = |r: DecapReason| after[r as usize] - before[r as usize];
+    let cookies_now: u64 = (0..3)
+        .map(|i| tcp_ext(&tb, i, "SyncookiesRecv"))
+        .sum::<Result<u64>>()?;
+    ensure!(
+        cookies_now - cookies >= REQUESTS as u64,
+        "{} handshakes completed by a SYN cookie, want {REQUESTS}",
+        cookies_now - cookies
+    );
+    ensure!(
+        d(DecapReason::Redirected) + d(DecapReason::RedirectedStack) == 0
+            && d(DecapReason::NoSecondChance) == 0,
+        "redirected {} (+{} via the stack), no second chance {}: {before:?} -> {after:?}",
+        d(DecapReason::Redirected),
+        d(DecapReason::RedirectedStack),
+        d(DecapReason::NoSecondChance)
+    );
+    ensure!(
+        d(DecapReason::Decapped) >= 5 * REQUESTS as u64,
+        "only {} packets decapsulated",
+        d(DecapReason::Decapped)
+    );
+    tb.down()?;
+    assert_clean(&prefix)
+}
