@@ -3,7 +3,10 @@
 //! HTTP requests through an IPv4 and an IPv6 VIP, prints which backend answered next to
 //! the agent's own counters, then takes a backend out, drains another, restores both; then
 //! kills a backend's server and lets the health checks take it out and bring it back, and
-//! tears everything down. Every change goes through the `lb` CLI, as an operator's would.
+//! shows a stateless VIP keeping a 50 MiB download through an LB that loses everything
+//! (kill -9, program and maps removed, a fresh start) and through a drain of the download's
+//! own backend (the second chance), then tears everything down. Every change goes through
+//! the `lb` CLI, as an operator's would.
 //! Then scale-out: three LB hosts behind a router that learns the VIP from each by BGP;
 //! one LB's agent is killed (kill -9) while connections talk through it, the router drops
 //! it, the connections carry on through the others, and it comes back.
@@ -15,7 +18,11 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use lb_tests::testbed::{Testbed, TestbedOpts, VipSpec};
+use lb_tests::{
+    netns::spawn_in_netns,
+    testbed::{Testbed, TestbedOpts, VipSpec},
+    transfer,
+};
 use lb_userspace::config::{Forwarding, HealthSpec};
 
 const REQUESTS: usize = 300;
@@ -176,6 +183,94 @@ impl Demo {
     }
 }
 
+/// A stateless VIP: a download survives an LB that lost everything, and a drain of its own
+/// backend through the backends' second chance.
+fn stateless(demo: &mut Demo) -> Result<()> {
+    use std::sync::{atomic::Ordering, mpsc, Arc};
+    let spec = VipSpec::stateless("webs", "198.18.10.3".parse::<IpAddr>()?);
+    demo.step(&format!(
+        "a stateless VIP: no connection table on the LB, a second chance on the backends ({})",
+        spec.socket_addr()
+    ));
+    for cmd in demo.tb.cli_commands(&spec) {
+        let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        demo.lb(&args)?;
+    }
+    demo.lb(&["vip", "list"])?;
+    let addr = spec.socket_addr();
+    let shared = Arc::new(transfer::Shared::default());
+    let _stop = transfer::StopOnDrop(shared.clone());
+    let (head_tx, head_rx) = mpsc::channel();
+    let downloader = {
+        let shared = shared.clone();
+        spawn_in_netns(demo.tb.client().netns(), move || {
+            transfer::download(addr, &shared, head_tx)
+        })
+    };
+    let head = head_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("no response from the stateless VIP")?;
+    let own = demo
+        .tb
+        .backends()
+        .iter()
+        .find(|b| b.name == head.backend)
+        .context("answered by no backend")?
+        .addr(false);
+    let progress = |what: &str| -> Result<()> {
+        let at = shared.received.load(Ordering::Relaxed);
+        let got = transfer::wait_received(&shared, at + transfer::STEP, what)?;
+        println!(
+            "  download: {:.1} MiB received, byte-checked, still on {}",
+            got as f64 / 1048576.0,
+            head.backend
+        );
+        Ok(())
+    };
+    println!(
+        "  GET http://{addr}/bytes?n=50MiB from {} (read slowly: every byte needs ACKs through the LB) on {} ({own})",
+        head.local, head.backend
+    );
+    progress("the start")?;
+
+    demo.step("the LB loses everything: kill -9, its program and maps removed, a fresh start");
+    let agent = demo.tb.agent_mut().context("agent")?;
+    agent.kill9()?;
+    println!("  $ kill -9 <agent>; lb agent --stop; lb agent --config ...");
+    let (out, _) = agent.stop()?;
+    anyhow::ensure!(out.ok(), "lb agent --stop: {}", out.stderr);
+    agent.spawn()?;
+    progress("after the empty restart")?;
+
+    demo.step(&format!(
+        "draining {} ({own}), the download's own backend: its slots move, the new primaries \
+         send the download's packets on to it",
+        head.backend
+    ));
+    let before = demo.tb.decap_counts()?;
+    demo.lb(&["backend", "drain", "webs", &own.to_string()])?;
+    progress("after the drain")?;
+    let after = demo.tb.decap_counts()?;
+    let r = lb_common::DecapReason::Redirected as usize;
+    println!(
+        "  backends' decap: {} packets redirected to {} meanwhile",
+        after[r] - before[r],
+        head.backend
+    );
+
+    shared.fast.store(true, Ordering::Relaxed);
+    let d = downloader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the downloading thread panicked"))??
+        .context("the download")?;
+    println!(
+        "  download complete: {} bytes, every byte checked, clean end of stream",
+        d.bytes
+    );
+    demo.lb(&["backend", "undrain", "webs", &own.to_string()])?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let start = Instant::now();
     println!("lb demo: a real XDP load balancer in a network-namespace testbed");
@@ -281,6 +376,8 @@ fn main() -> Result<()> {
     demo.await_event(0, &hurt_addr, "up", back, Duration::from_secs(10))?;
     demo.round(0)?;
     demo.lb(&["events"])?;
+
+    stateless(&mut demo)?;
 
     demo.step("drop and pass reasons counted by the lb program");
     let stats = demo.tb.lb_json(&["stats"])?;
