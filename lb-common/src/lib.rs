@@ -249,9 +249,10 @@ pub struct Counters {
     pub packets: u64,
     /// Bytes of the frames as received.
     pub bytes: u64,
-    /// Packets that created a connection-table entry: found none (or one pointing at a dead
-    /// backend) and are not a bare TCP SYN (a SYN creates no entry). One per connection
-    /// (its handshake's ACK) or UDP flow; a SYN flood does not move it.
+    /// Conntrack VIPs: packets that created a connection-table entry: found none (or one
+    /// pointing at a dead backend) and are not a bare TCP SYN (a SYN creates no entry). One
+    /// per connection (its handshake's ACK) or UDP flow; a SYN flood does not move it.
+    /// Stateless VIPs (no table): SYNs.
     pub new_flows: u64,
 }
 

@@ -54,15 +54,18 @@ fn web6() -> VipSpec {
 /// Three LB hosts, three backends, an agent on each LB with the same VIPs (the third
 /// lists its backends in the opposite order: rings must not depend on it).
 fn cluster() -> Result<Testbed> {
+    cluster_with(&[web(), web6()])
+}
+
+fn cluster_with(vips: &[VipSpec]) -> Result<Testbed> {
     let mut tb = Testbed::up(
         TestbedOpts::default()
             .prefix(&unique_name("lbso"))
             .lbs(LBS)
             .server_bin(env!("CARGO_BIN_EXE_lb-testbed-server")),
     )?;
-    let vips = [web(), web6()];
     for k in 0..LBS {
-        let mut cfg = tb.agent_config_on(k, &vips)?;
+        let mut cfg = tb.agent_config_on(k, vips)?;
         if k == 2 {
             for v in &mut cfg.vips {
                 v.backends.reverse();
@@ -70,8 +73,8 @@ fn cluster() -> Result<Testbed> {
         }
         tb.start_agent_on(k, &cfg)?;
     }
-    for vip in [web().address, web6().address] {
-        wait_next_hops(&tb, vip, LBS, Duration::from_secs(15))?;
+    for v in vips {
+        wait_next_hops(&tb, v.address, LBS, Duration::from_secs(15))?;
     }
     Ok(tb)
 }
@@ -209,61 +212,113 @@ fn every_lb_announces_the_vips_and_the_router_spreads_new_connections_over_all()
     tb.down()
 }
 
+/// What each long-lived connection saw: requests answered, errors, the longest gap
+/// between two answers, and the backend that answered.
+#[derive(Clone, Debug, Default)]
+struct Seen {
+    answered: u64,
+    errors: Vec<String>,
+    gap: Duration,
+    backend: String,
+}
+
+/// `n` keep-alive connections from the client to `addr`, a request every 20 ms each, until
+/// `stop`; what each saw, by its client address.
+struct Talkers {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<BTreeMap<SocketAddr, Seen>>>,
+    threads: Vec<thread::JoinHandle<Result<Result<()>>>>,
+    _guard: StopOnDrop,
+}
+
+impl Talkers {
+    fn start(tb: &Testbed, addr: SocketAddr, n: usize) -> Result<Talkers> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen: Arc<Mutex<BTreeMap<SocketAddr, Seen>>> = Arc::default();
+        let threads = (0..n)
+            .map(|_| {
+                let (stop, seen) = (stop.clone(), seen.clone());
+                spawn_in_netns(tb.client().netns(), move || -> Result<()> {
+                    let mut c = HttpConn::open(addr, Duration::from_secs(10))?;
+                    let local = c.local;
+                    seen.lock().unwrap().insert(local, Seen::default());
+                    let mut last = Instant::now();
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = c.get("/");
+                        let now = Instant::now();
+                        let mut s = seen.lock().unwrap();
+                        let e = s.get_mut(&local).unwrap();
+                        match r {
+                            Ok(r) if r.status == 200 => {
+                                e.answered += 1;
+                                e.gap = e.gap.max(now - last);
+                                e.backend = r.backend().to_string();
+                                last = now;
+                            }
+                            Ok(r) => e.errors.push(format!("status {}", r.status)),
+                            Err(err) => {
+                                e.errors.push(format!("{err:#}"));
+                                return Ok(()); // the connection is gone
+                            }
+                        }
+                        drop(s);
+                        thread::sleep(Duration::from_millis(20));
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let t = Talkers {
+            _guard: StopOnDrop(stop.clone()),
+            stop,
+            seen,
+            threads,
+        };
+        try_wait_for("every connection answered", Duration::from_secs(10), || {
+            let s = t.seen.lock().unwrap();
+            Ok(s.len() == n && s.values().all(|e| e.answered > 0))
+        })?;
+        Ok(t)
+    }
+
+    fn answered(&self) -> u64 {
+        self.seen.lock().unwrap().values().map(|e| e.answered).sum()
+    }
+
+    fn snapshot(&self) -> BTreeMap<SocketAddr, Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Stop them; what each saw.
+    fn finish(mut self) -> Result<BTreeMap<SocketAddr, Seen>> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in std::mem::take(&mut self.threads) {
+            t.join().unwrap()??;
+        }
+        Ok(self.snapshot())
+    }
+}
+
+/// The LBs whose VIP `name` forwarded packets in the next half second.
+fn busy_lbs(tb: &Testbed, name: &str) -> Vec<usize> {
+    let carried =
+        |tb: &Testbed| -> Vec<u64> { (0..LBS).map(|k| tb.vip_packets_on(k, name)).collect() };
+    let c0 = carried(tb);
+    thread::sleep(Duration::from_millis(500));
+    let c1 = carried(tb);
+    (0..LBS).filter(|&k| c1[k] > c0[k]).collect()
+}
+
 #[test]
 fn established_connections_survive_an_lb_killed_its_link_cut_and_its_return() -> Result<()> {
     let mut tb = cluster()?;
     let addr = web().socket_addr();
-    let stop = Arc::new(AtomicBool::new(false));
-    let _guard = StopOnDrop(stop.clone());
-    type Seen = BTreeMap<SocketAddr, (u64, Vec<String>, Duration)>;
-    let seen: Arc<Mutex<Seen>> = Arc::new(Mutex::new(BTreeMap::new()));
     const CONNS: usize = 30;
-    let talkers: Vec<_> = (0..CONNS)
-        .map(|_| {
-            let (stop, seen) = (stop.clone(), seen.clone());
-            spawn_in_netns(tb.client().netns(), move || -> Result<()> {
-                let mut c = HttpConn::open(addr, Duration::from_secs(10))?;
-                let local = c.local;
-                seen.lock()
-                    .unwrap()
-                    .insert(local, (0, Vec::new(), Duration::ZERO));
-                let mut last = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    let r = c.get("/");
-                    let now = Instant::now();
-                    let mut s = seen.lock().unwrap();
-                    let e = s.get_mut(&local).unwrap();
-                    match r {
-                        Ok(r) if r.status == 200 => {
-                            e.0 += 1;
-                            e.2 = e.2.max(now - last);
-                            last = now;
-                        }
-                        Ok(r) => e.1.push(format!("status {}", r.status)),
-                        Err(err) => {
-                            e.1.push(format!("{err:#}"));
-                            return Ok(()); // the connection is gone
-                        }
-                    }
-                    drop(s);
-                    thread::sleep(Duration::from_millis(20));
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    let answered = |seen: &Mutex<Seen>| -> u64 { seen.lock().unwrap().values().map(|e| e.0).sum() };
-    try_wait_for("every connection answered", Duration::from_secs(10), || {
-        let s = seen.lock().unwrap();
-        Ok(s.len() == CONNS && s.values().all(|e| e.0 > 0))
-    })?;
+    let talkers = Talkers::start(&tb, addr, CONNS)?;
     // Which LBs carry the talkers now: the one killed must carry some.
     let carried =
         |tb: &Testbed| -> Vec<u64> { (0..LBS).map(|k| tb.vip_packets_on(k, "web")).collect() };
-    let c0 = carried(&tb);
-    thread::sleep(Duration::from_millis(500));
-    let c1 = carried(&tb);
-    let busy: Vec<usize> = (0..LBS).filter(|&k| c1[k] > c0[k]).collect();
+    let busy = busy_lbs(&tb, "web");
     assert!(
         busy.len() >= 2,
         "30 connections over 3 LBs use at least 2: {busy:?}"
@@ -278,9 +333,9 @@ fn established_connections_survive_an_lb_killed_its_link_cut_and_its_return() ->
     let vip = web().address;
     wait_next_hops(&tb, vip, LBS - 1, WITHDRAW)?;
     let withdrawn = t.elapsed();
-    let a0 = answered(&seen);
+    let a0 = talkers.answered();
     thread::sleep(Duration::from_secs(1));
-    assert!(answered(&seen) > a0, "connections keep being answered");
+    assert!(talkers.answered() > a0, "connections keep being answered");
     let ok = tb.in_client(|| {
         (0..50)
             .filter(|_| http_get(addr, "/", Duration::from_secs(3)).is_ok())
@@ -329,24 +384,19 @@ fn established_connections_survive_an_lb_killed_its_link_cut_and_its_return() ->
     }
     thread::sleep(Duration::from_millis(500));
 
-    stop.store(true, Ordering::Relaxed);
-    for t in talkers {
-        t.join().unwrap()??;
-    }
-    let s = seen.lock().unwrap();
+    let s = talkers.finish()?;
     let broken: Vec<String> = s
         .iter()
-        .filter(|(_, e)| !e.1.is_empty())
-        .map(|(a, e)| format!("{a}: {:?}", e.1))
+        .filter(|(_, e)| !e.errors.is_empty())
+        .map(|(a, e)| format!("{a}: {:?}", e.errors))
         .collect();
-    let gap = s.values().map(|e| e.2).max().unwrap_or_default();
+    let gap = s.values().map(|e| e.gap).max().unwrap_or_default();
     println!(
         "withdrawn after kill -9 in {withdrawn:?}, after the link cut in {cut_withdrawn:?}; \
          back in {back:?}; {} of {CONNS} connections survived all of it; longest gap {gap:?}",
         CONNS - broken.len()
     );
     assert!(broken.is_empty(), "connections broken: {broken:#?}");
-    drop(s);
     tb.down()
 }
 
@@ -432,5 +482,80 @@ fn a_backend_failure_is_seen_by_every_lb_and_their_rings_converge() -> Result<()
     }
     tb.restart_server(0)?;
     wait_next_hops(&tb, vip, LBS, Duration::from_secs(10))?;
+    tb.down()
+}
+
+/// Why stateless VIPs exist. Long-lived connections talk through two VIPs over the same
+/// three backends, one stateless and one conntrack. The backend with the most of them is
+/// drained on every LB, then an LB that carries them is killed: its flows (and, with the
+/// router's hash-threshold multipath, some of the others') move to LBs that never saw them.
+/// A conntrack LB that has no entry for a moved flow sends it by the ring, which no longer
+/// names the drained backend: those connections are reset (counted, not asserted: which
+/// flows move is the router's choice). A stateless LB never had entries to lose: the new
+/// primary sends each packet on to the drained backend, and not one connection breaks.
+#[test]
+fn after_a_drain_losing_an_lb_breaks_no_stateless_connection() -> Result<()> {
+    const CONNS: usize = 30;
+    let webs = VipSpec::stateless("webs", IpAddr::from([198, 18, 10, 3]));
+    let webc = VipSpec::tcp("webc", IpAddr::from([198, 18, 10, 4]), Forwarding::Gue);
+    let mut tb = cluster_with(&[webs.clone(), webc.clone()])?;
+    let ts = Talkers::start(&tb, webs.socket_addr(), CONNS)?;
+    let tc = Talkers::start(&tb, webc.socket_addr(), CONNS)?;
+
+    let mut on: BTreeMap<String, usize> = BTreeMap::new();
+    for e in ts.snapshot().values() {
+        *on.entry(e.backend.clone()).or_default() += 1;
+    }
+    let (name, _) = on.iter().max_by_key(|(_, n)| **n).unwrap();
+    let drained = tb
+        .backends()
+        .iter()
+        .find(|b| &b.name == name)
+        .unwrap()
+        .addr(false)
+        .to_string();
+    for k in 0..LBS {
+        for vip in ["webs", "webc"] {
+            let out = tb.lb_on(k, &["backend", "drain", vip, &drained]);
+            ensure!(out.ok(), "LB {k}: drain {vip}: {}", out.stderr);
+        }
+    }
+    thread::sleep(Duration::from_millis(500));
+    let busy = busy_lbs(&tb, "webs");
+    ensure!(!busy.is_empty(), "no LB carries the stateless VIP");
+    let mut agent = tb.take_agent_on(busy[0]).unwrap();
+    agent.kill9()?;
+    wait_next_hops(&tb, webs.address, LBS - 1, WITHDRAW)?;
+    let a0 = ts.answered();
+    thread::sleep(Duration::from_millis(1500));
+    ensure!(
+        ts.answered() > a0,
+        "the stateless connections stopped talking"
+    );
+    let (s, c) = (ts.finish()?, tc.finish()?);
+    let broken = |m: &BTreeMap<SocketAddr, Seen>| -> Vec<String> {
+        m.iter()
+            .filter(|(_, e)| !e.errors.is_empty())
+            .map(|(a, e)| format!("{a} on {}: {:?}", e.backend, e.errors))
+            .collect()
+    };
+    let on_drained =
+        |m: &BTreeMap<SocketAddr, Seen>| m.values().filter(|e| &e.backend == name).count();
+    println!(
+        "drained {name} ({drained}) on every LB, then killed LB {}: stateless {} of {CONNS} \
+         connections broken ({} were on {name}); conntrack {} of {CONNS} broken ({} were on \
+         {name})",
+        busy[0],
+        broken(&s).len(),
+        on_drained(&s),
+        broken(&c).len(),
+        on_drained(&c)
+    );
+    ensure!(
+        broken(&s).is_empty(),
+        "stateless connections broken: {:#?}",
+        broken(&s)
+    );
+    drop(agent);
     tb.down()
 }
