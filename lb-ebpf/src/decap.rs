@@ -254,6 +254,7 @@ fn redirect(ctx: &XdpContext, l3: usize, outer6: bool, pd: usize) -> (u32, Decap
         fib.__bindgen_anon_3.ipv6_src = ld_addr6(ip + 8);
         fib.__bindgen_anon_4.ipv6_dst = second;
     } else {
+        // Verifier: 28 bytes, not the header's 20: the UDP checksum at +26 is written below.
         let (Some(ip), Some(p)) = (check_fresh(ctx, l3, 28), check_fresh(ctx, pd, 8)) else {
             return BAD;
         };
