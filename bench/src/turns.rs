@@ -5,8 +5,10 @@
 //! suite compares each LB turn with the forwarder turn beside it and reports medians.
 use std::time::Duration;
 
-use anyhow::Result;
-use lb_common::bench::GenConfig;
+use anyhow::{Context, Result};
+use lb_common::{
+    bench::GenConfig, ring_primary, ring_word, Forwarding, VIP_F_AFFINITY, VIP_F_STATELESS,
+};
 use lb_tests::{fixture::Fixture, model::Model};
 use lb_userspace::dataplane::{Dataplane, Sizes};
 
@@ -27,6 +29,25 @@ impl Prog {
         match self {
             Prog::Lb => "lb",
             Prog::Fwd => "fwd",
+        }
+    }
+}
+
+/// How the fixture's VIP under test keeps its flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VipMode {
+    /// As the fixture has it: connection table, IP-in-IP.
+    Conntrack,
+    /// Stateless (second chance): no connection table, GUE variant 0 with a secondary in
+    /// every packet (12 more header bytes than IP-in-IP over IPv4, 24 over IPv6).
+    Stateless,
+}
+
+impl VipMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            VipMode::Conntrack => "conntrack",
+            VipMode::Stateless => "stateless",
         }
     }
 }
@@ -107,6 +128,56 @@ impl Bench {
             secs: took.as_secs_f64(),
             buckets,
         })
+    }
+
+    /// Switch fixture VIP `id` (0 = 198.18.10.1:80/tcp, 1 = [2001:db8:10::1]:80/tcp: IP in
+    /// IP over four backends of its family, all up) to `mode`, keeping its live ring's
+    /// primaries. Stateless: every slot also names a secondary, the next backend of the
+    /// VIP after its primary (up, of the same family: every packet carries one, the
+    /// expensive case), forwarding GUE, `VIP_F_STATELESS`. Conntrack: plain primaries, the
+    /// fixture's forwarding and flags. The words go into the VIP's other ring buffer, then
+    /// one `set_vip` flips to it (and keeps `VIP_FILTER[1]` in step); a grace period
+    /// follows, so the buffer left behind may be rewritten by the next switch.
+    pub fn set_vip_mode(&mut self, id: usize, mode: VipMode) -> Result<()> {
+        let spec = &self.fixture.vips[id];
+        let key = spec.key();
+        let mut meta = self.dp.vips.get(&key, 0).context("reading VIPS")?;
+        let live = self.dp.read_ring(meta.ring_base, meta.ring_size)?;
+        let words = live
+            .iter()
+            .map(|&w| {
+                let p = ring_primary(w);
+                Ok(match mode {
+                    VipMode::Conntrack => p,
+                    VipMode::Stateless => {
+                        let at = spec
+                            .backends
+                            .iter()
+                            .position(|&b| b == p)
+                            .with_context(|| {
+                                format!("ring of VIP {id} names backend {p}, not one of its own")
+                            })?;
+                        ring_word(p, spec.backends[(at + 1) % spec.backends.len()])
+                    }
+                })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let (forwarding, flags) = match mode {
+            VipMode::Conntrack => (
+                spec.forwarding as u8,
+                if spec.affinity { VIP_F_AFFINITY } else { 0 },
+            ),
+            VipMode::Stateless => (
+                Forwarding::Gue as u8,
+                (meta.flags & VIP_F_AFFINITY) | VIP_F_STATELESS,
+            ),
+        };
+        let other = 1 - self.dp.ring_buffer(meta.ring_base);
+        meta.ring_base = self.dp.write_ring(id as u32, other, &words)?;
+        meta.forwarding = forwarding;
+        meta.flags = flags;
+        self.dp.set_vip(&key, &meta)?;
+        self.dp.wait_for_programs()
     }
 
     /// Kernel-measured (run time, runs) of `prog` so far (kernel.bpf_stats_enabled).

@@ -6,13 +6,19 @@
 //! (BPF_PROG_TEST_RUN, the outer destination of what it sends). Reported: the share of
 //! established flows whose connection-table entry survived, and the share that kept their
 //! backend, without and with a backend change (a weight 1 -> 4) halfway through the flood.
+//!
+//! Then the same VIP switched to stateless (`Bench::set_vip_mode`): it keeps no entries,
+//! so what is checked is that every established flow's packets still go to the same
+//! backend (primary) with the same secondary after the flood as before. Without a weight
+//! change only: a weight change legitimately moves slots there (their connections survive
+//! by the second chance on the backends, which this suite does not run).
 use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_bench::{
     live::pin_to_cpu,
     out,
     traffic::{gen_config, min_frame, reference_frame, Mix},
-    turns::{Bench, Prog},
+    turns::{Bench, Prog, VipMode},
 };
 use std::net::Ipv4Addr;
 
@@ -26,8 +32,10 @@ const ESTABLISHED: u32 = 10_000;
 /// times in the flood, each established flow sends a packet ten times per turnover.
 const ROUNDS_PER_TURNOVER: u32 = 10;
 
-/// The backend (last byte of the outer destination) `lb` sends flow `i` of `cfg` to.
-fn backends_of(b: &mut Bench, cfg: &lb_common::bench::GenConfig) -> Result<Vec<u8>> {
+/// Where `lb` sends flow `i` of `cfg`: the last byte of the outer destination (the
+/// backend) and, for a stateless VIP's GUE variant 0 header, of the secondary it carries
+/// (0 for none, or no such header).
+fn backends_of(b: &mut Bench, cfg: &lb_common::bench::GenConfig) -> Result<Vec<[u8; 2]>> {
     let prog = b.dp.program("lb")?;
     let mut out = vec![0u8; 512];
     (0..cfg.flows)
@@ -42,7 +50,14 @@ fn backends_of(b: &mut Bench, cfg: &lb_common::bench::GenConfig) -> Result<Vec<u
                 })
                 .context("test_run lb")?;
             anyhow::ensure!(r.return_value == 3, "lb did not forward flow {i}");
-            Ok(out[33])
+            // IPv4 outer header: protocol 23, destination 30..34; UDP 34..42; GUE 42..46,
+            // then "LB", flags, 0, the secondary's address 50..54.
+            let second = if out[23] == 17 && out[46..48] == *b"LB" && out[48] & 1 != 0 {
+                out[53]
+            } else {
+                0
+            };
+            Ok([out[33], second])
         })
         .collect()
 }
@@ -72,15 +87,26 @@ fn main() -> Result<()> {
     println!(
         "Flood: {flood} SYNs of new flows = 10 x the {table}-entry connection table, \
          {ESTABLISHED} established IPv4 flows talking (a packet each every {} SYNs) or idle; \
-         lb on the live wire, inline",
+         lb on the live wire, inline. Backend kept: conntrack VIP (IP in IP), the same \
+         backend before and after; stateless VIP (GUE, no table: no entries), the same \
+         backend and the same secondary, without a weight change (one moves slots there \
+         by design, the second chance on the backends keeps their connections)",
         table / ROUNDS_PER_TURNOVER
     );
     println!(
-        "{:<12} {:<24} {:>14} {:>14}",
-        "flows", "backends", "entries kept", "backend kept"
+        "{:<10} {:<12} {:<24} {:>14} {:>14}",
+        "vip", "flows", "backends", "entries kept", "backend kept"
     );
-    let variants = [(true, false), (true, true), (false, false), (false, true)];
-    for (n, (talking, change)) in variants.into_iter().enumerate() {
+    use VipMode::{Conntrack, Stateless};
+    let variants = [
+        (Conntrack, true, false),
+        (Conntrack, true, true),
+        (Conntrack, false, false),
+        (Conntrack, false, true),
+        (Stateless, true, false),
+        (Stateless, false, false),
+    ];
+    for (n, (vip, talking, change)) in variants.into_iter().enumerate() {
         let variant = if change {
             "weight change mid-flood"
         } else {
@@ -94,6 +120,10 @@ fn main() -> Result<()> {
         let mut meta = b.fixture.meta(0, ring.len(), b.dp.sizes.ring_stride);
         meta.ring_base = base;
         b.dp.set_vip(&b.fixture.vips[0].key(), &meta)?;
+        b.dp.wait_for_programs()?;
+        if vip == Stateless {
+            b.set_vip_mode(0, Stateless)?;
+        }
         let mut est = gen_config(Mix::Established, false, ESTABLISHED, min_frame(false));
         est.flow_base = (n as u32 + 1) << 26;
         let mut syn = gen_config(Mix::Syn, false, 0, min_frame(false));
@@ -129,23 +159,47 @@ fn main() -> Result<()> {
             let after = backends_of(&mut b, &est)?;
             Ok((before, after, kept_entries))
         })??;
+        // Conntrack: the backend. Stateless: the backend and the secondary it carries.
         let kept = before.iter().zip(&after).filter(|(x, y)| x == y).count();
         let kept_share = kept as f64 / ESTABLISHED as f64;
+        let stateless = vip == Stateless;
+        if stateless {
+            anyhow::ensure!(
+                before.iter().all(|p| p[1] != 0),
+                "a stateless VIP's packet carried no secondary"
+            );
+        }
+        // A stateless VIP has no entries: none is expected, none is made.
         let entry_share = kept_entries as f64 / ESTABLISHED as f64;
         let flows = if talking { "talking" } else { "idle" };
+        let entries_col = if stateless {
+            format!("{kept_entries} (none)")
+        } else {
+            format!("{:.2}%", entry_share * 100.0)
+        };
         println!(
-            "{:<12} {:<24} {:>13.2}% {:>13.2}%",
+            "{:<10} {:<12} {:<24} {:>14} {:>13.2}%",
+            vip.name(),
             flows,
             variant,
-            entry_share * 100.0,
+            entries_col,
             kept_share * 100.0,
         );
         out::record(
             "flood",
-            json!({"flows": flows, "backends": variant, "backend_change": change,
+            json!({"vip": vip.name(), "flows": flows, "backends": variant,
+                   "backend_change": change,
                    "established": ESTABLISHED, "table": table, "flood": flood,
-                   "entries_kept": entry_share, "backend_kept": kept_share}),
+                   "entries_kept": (!stateless).then_some(entry_share),
+                   "entries": kept_entries,
+                   "checked": if stateless {
+                       "same backend and same secondary before and after"
+                   } else {
+                       "same backend before and after"
+                   },
+                   "backend_kept": kept_share}),
         )?;
     }
+    b.set_vip_mode(0, Conntrack)?;
     Ok(())
 }

@@ -24,6 +24,22 @@ fn s<'a>(r: &'a Rec, k: &str) -> &'a str {
 fn u(r: &Rec, k: &str) -> u64 {
     r.get(k).and_then(Value::as_u64).unwrap_or(0)
 }
+/// The VIP mode a throughput or flood row measured; rows from before stateless VIPs
+/// existed have none and are conntrack.
+fn vip(r: &Rec) -> &str {
+    match s(r, "vip") {
+        "" => "conntrack",
+        v => v,
+    }
+}
+/// "new" for SYN only, else the flow count.
+fn flows_label(r: &Rec) -> String {
+    if s(r, "mix") == "syn" {
+        "new".into()
+    } else {
+        u(r, "flows").to_string()
+    }
+}
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
@@ -239,7 +255,22 @@ fn main() -> Result<()> {
     let hap = get("haproxy");
     writeln!(w, "## Headline\n")?;
     writeln!(w, "| measure | value |\n| --- | --- |")?;
-    for r in &tp {
+    // Each conntrack row, then the same cell through the stateless VIP beside it.
+    let same_cell = |a: &Rec, b: &Rec| {
+        ["family", "flows"].iter().all(|k| u(a, k) == u(b, k))
+            && ["mode", "mix"].iter().all(|k| s(a, k) == s(b, k))
+    };
+    let headline: Vec<&Rec> = tp
+        .iter()
+        .filter(|r| vip(r) == "conntrack")
+        .flat_map(|r| {
+            std::iter::once(r).chain(
+                tp.iter()
+                    .filter(move |x| vip(x) == "stateless" && same_cell(r, x)),
+            )
+        })
+        .collect();
+    for r in headline {
         let label = match (s(r, "mix"), u(r, "flows")) {
             ("established", 1000) => "established, 1,000 flows",
             ("syn", _) => "SYN only (every frame a new flow)",
@@ -249,9 +280,14 @@ fn main() -> Result<()> {
         };
         writeln!(
             w,
-            "| LB / forwarder, IPv{}, {label}, {} | {:.2}{} |",
+            "| LB / forwarder, IPv{}, {label}, {}{} | {:.2}{} |",
             u(r, "family"),
             s(r, "mode"),
+            if vip(r) == "stateless" {
+                ", **stateless** VIP (GUE)"
+            } else {
+                ""
+            },
             f(r, "ratio"),
             r.get("target")
                 .and_then(Value::as_f64)
@@ -260,6 +296,19 @@ fn main() -> Result<()> {
                     if f(r, "ratio") >= t { "met" } else { "missed" }
                 ))
                 .unwrap_or_default()
+        )?;
+    }
+    let st = get("stateless_targets");
+    let verdicts: Vec<bool> = st
+        .iter()
+        .filter_map(|r| r.get("met").and_then(Value::as_bool))
+        .collect();
+    if !verdicts.is_empty() {
+        writeln!(
+            w,
+            "| stateless targets met (flow count stops mattering; §1) | {} of {} |",
+            verdicts.iter().filter(|&&m| m).count(),
+            verdicts.len()
         )?;
     }
     let hp = |p: &str| hap.iter().find(|r| s(r, "path") == p);
@@ -305,24 +354,33 @@ fn main() -> Result<()> {
          whole pipeline); *split*: the LB veth's receive runs in a threaded NAPI bound to CPU 1 \
          (its capacity on its own core; the generator outruns it and the rest is dropped at the \
          veth, *lost*). *prog ns*: the program's own run time per packet from the kernel's \
-         run-time statistics (a pass of its own; the statistics add two clock reads to each \
-         run); *diff ns*: 1000/LB Mpps − 1000/forwarder Mpps. *miss*: packets that found no \
-         connection-table entry and made one (a bare SYN makes none). Minimum-size frames (60 bytes IPv4, 74 IPv6).\n"
+         run-time statistics (passes of its own, the median of five of 50,000 frames; the \
+         statistics add two clock reads to each run); *diff ns*: 1000/LB Mpps − 1000/forwarder Mpps. *miss*: packets that found no \
+         connection-table entry and made one (a bare SYN makes none); for a stateless VIP, \
+         the SYNs (counted as new flows, no entry made). Minimum-size frames (60 bytes IPv4, 74 IPv6).\n"
     )?;
     writeln!(
         w,
-        "| IP | mix | flows | mode | LB Mpps | fwd Mpps | LB / fwd | target | LB prog ns | fwd prog ns | diff ns | miss | lost |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "*VIP*: *conntrack* is the VIP as configured (connection table, IP in IP); \
+         *stateless* is the same VIP switched to stateless (second chance): no \
+         connection-table lookup or entry, each packet to its ring slot's primary with the \
+         slot's secondary carried in a GUE variant 0 header. Every slot names a secondary \
+         that is up, so every packet carries one (the expensive case). Stateless rows \
+         therefore forward GUE, 12 (IPv4) / 24 (IPv6) header bytes more than conntrack's \
+         IP in IP (UDP and the GUE header with the secondary's address), and their absolute \
+         targets are relative ones (below).\n"
+    )?;
+    writeln!(
+        w,
+        "| IP | VIP | mix | flows | mode | LB Mpps | fwd Mpps | LB / fwd | target | LB prog ns | fwd prog ns | diff ns | miss | lost |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )?;
     for r in &tp {
-        let flows = if s(r, "mix") == "syn" {
-            "new".to_string()
-        } else {
-            u(r, "flows").to_string()
-        };
+        let flows = flows_label(r);
         writeln!(
             w,
-            "| v{} | {} | {flows} | {} | {:.2} | {:.2} | **{:.2}** | {} | {:.0} | {:.0} | {:.0} | {:.1}% | {:.1}% |",
+            "| v{} | {} | {} | {flows} | {} | {:.2} | {:.2} | **{:.2}** | {} | {:.0} | {:.0} | {:.0} | {:.1}% | {:.1}% |",
             u(r, "family"),
+            vip(r),
             s(r, "mix"),
             s(r, "mode"),
             f(r, "lb_mpps"),
@@ -339,30 +397,108 @@ fn main() -> Result<()> {
             f(r, "lost") * 100.0
         )?;
     }
-    let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
-    for r in &tp {
-        if let Some(Value::Object(o)) = r.get("reasons") {
-            for (k, v) in o {
-                *reasons.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
+    writeln!(w)?;
+    for mode in ["conntrack", "stateless"] {
+        let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+        for r in tp.iter().filter(|r| vip(r) == mode) {
+            if let Some(Value::Object(o)) = r.get("reasons") {
+                for (k, v) in o {
+                    *reasons.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
+                }
             }
         }
+        if reasons.is_empty() {
+            continue;
+        }
+        writeln!(
+            w,
+            "What the LB counted over all timed turns of the {mode} VIP, by reason: {}.\n",
+            reasons
+                .iter()
+                .map(|(k, v)| format!("`{k}` {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
     }
-    writeln!(
-        w,
-        "\nWhat the LB counted over all timed turns, by reason: {}.\n",
-        reasons
-            .iter()
-            .map(|(k, v)| format!("`{k}` {v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    )?;
+    if !st.is_empty() {
+        writeln!(
+            w,
+            "**Stateless targets** (flow count stops mattering), per family and mode: the \
+             program's ns per packet (kernel run-time statistics) at 1,000,000 established \
+             flows and SYN only within {}× the constant 5-tuple's, and the LB / forwarder \
+             ratio there within {} of the ratio at 1,000 established flows. The conntrack \
+             VIP's same figures beside them, for comparison (no target).\n",
+            st.iter()
+                .find(|r| s(r, "measure") == "prog ns")
+                .map_or(f64::NAN, |r| f(r, "limit")),
+            st.iter()
+                .find(|r| s(r, "measure") != "prog ns")
+                .map_or(f64::NAN, |r| f(r, "limit")),
+        )?;
+        writeln!(
+            w,
+            "| IP | mode | measure | at | stateless | reference | × / diff | verdict | conntrack | reference | × / diff |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        )?;
+        let fmt = |r: &Rec| {
+            let ns = s(r, "measure") == "prog ns";
+            let by = if ns {
+                format!("{:.2}×", f(r, "factor"))
+            } else {
+                format!("{:+.2}", f(r, "diff"))
+            };
+            let (v, rf) = if ns {
+                (
+                    format!("{:.0}", f(r, "value")),
+                    format!("{:.0}", f(r, "reference")),
+                )
+            } else {
+                (
+                    format!("{:.2}", f(r, "value")),
+                    format!("{:.2}", f(r, "reference")),
+                )
+            };
+            (v, rf, by)
+        };
+        for r in st.iter().filter(|r| vip(r) == "stateless") {
+            let (v, rf, by) = fmt(r);
+            let ct = st.iter().find(|c| {
+                vip(c) == "conntrack"
+                    && u(c, "family") == u(r, "family")
+                    && ["mode", "measure", "mix"]
+                        .iter()
+                        .all(|k| s(c, k) == s(r, k))
+            });
+            let (cv, crf, cby) = ct.map(fmt).unwrap_or_default();
+            writeln!(
+                w,
+                "| v{} | {} | {} (ref: {}) | {} | {v} | {rf} | {by} | {} | {cv} | {crf} | {cby} |",
+                u(r, "family"),
+                s(r, "mode"),
+                s(r, "measure"),
+                s(r, "reference_cell"),
+                flows_label(r),
+                match r.get("met").and_then(Value::as_bool) {
+                    Some(true) => "met",
+                    Some(false) => "**missed**",
+                    None => "-",
+                }
+            )?;
+        }
+        writeln!(w)?;
+    }
     for fam in [4u64, 6] {
         let mut series = Vec::new();
         for mode in ["inline", "split"] {
-            for (prog, key) in [("LB", "lb_mpps"), ("forwarder", "fwd_mpps")] {
+            // The forwarder's turns beside the stateless cells measure the same thing
+            // again: its series is the conntrack cells'.
+            for (prog, key, v) in [
+                ("LB", "lb_mpps", "conntrack"),
+                ("LB stateless", "lb_mpps", "stateless"),
+                ("forwarder", "fwd_mpps", "conntrack"),
+            ] {
                 let pts: Vec<(f64, f64)> = tp
                     .iter()
-                    .filter(|r| u(r, "family") == fam && s(r, "mode") == mode)
+                    .filter(|r| u(r, "family") == fam && s(r, "mode") == mode && vip(r) == v)
                     .filter(|r| matches!(s(r, "mix"), "established" | "constant"))
                     .map(|r| (u(r, "flows") as f64, f(r, key)))
                     .collect();
@@ -627,22 +763,32 @@ fn main() -> Result<()> {
              {}-entry connection table, through `lb` on the live wire (inline). *talking*: each \
              established flow sends a packet every tenth of a table turnover; *idle*: none \
              during the flood. Each flow's backend is read before and after by running its next \
-             packet through the program.\n",
+             packet through the program. *conntrack*: the VIP as configured (IP in IP; a bare \
+             SYN makes no entry), backend kept = the same backend after as before. \
+             *stateless*: the same VIP switched to stateless (GUE; no table, so no entries: \
+             the count of its flows' entries is shown, 0 expected), backend kept = the same \
+             backend *and* the same secondary; no weight-change row, as a weight change \
+             legitimately moves a stateless VIP's slots (their connections survive by the \
+             second chance on the backends, not measured here).\n",
             u(&fl[0], "established"),
             u(&fl[0], "flood"),
             u(&fl[0], "table")
         )?;
         writeln!(
             w,
-            "| established flows | backends | entries kept | backend kept |\n|---|---|---|---|"
+            "| VIP | established flows | backends | entries kept | backend kept |\n|---|---|---|---|---|"
         )?;
         for r in &fl {
+            let entries = match r.get("entries_kept").and_then(Value::as_f64) {
+                Some(e) => format!("{:.2}%", e * 100.0),
+                None => format!("none (no table; {} entries)", u(r, "entries")),
+            };
             writeln!(
                 w,
-                "| {} | {} | {:.2}% | {:.2}% |",
+                "| {} | {} | {} | {entries} | {:.2}% |",
+                vip(r),
                 s(r, "flows"),
                 s(r, "backends"),
-                f(r, "entries_kept") * 100.0,
                 f(r, "backend_kept") * 100.0
             )?;
         }
