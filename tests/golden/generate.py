@@ -116,22 +116,69 @@ def inner6(vip, proto, dport):
     return ipv6(C6, vip, proto, l4, tc=0x20, label=0x12345, hop=63)
 
 
-def encap(inner, inner_v4, tos, client, backend, gue, be_mac):
+def gue_v0(outer6, inner_v4, second):
+    """GUE variant 0 header of a stateless VIP (docs/dataplane.md, `lb`: forward): hlen (2
+    words of private data in an IPv4 outer header, 5 in IPv6), inner protocol 4 / 41, two
+    zero bytes; private data "LB", flags (GUE_F_SECOND = 1 with a secondary), 0, and the
+    secondary's address in the outer family (zeros without one)."""
+    addr = ipaddress.ip_address(second).packed if second else bytes(16 if outer6 else 4)
+    assert len(addr) == (16 if outer6 else 4)
+    return (bytes([5 if outer6 else 2, 4 if inner_v4 else 41, 0, 0]) + b"LB"
+            + bytes([1 if second else 0, 0]) + addr)
+
+
+def encap(inner, inner_v4, tos, client, backend, gue, be_mac, stateless=False, second=None,
+          ttl=64, udp_csum=0):
+    """`ttl` and `udp_csum` other than the LB's (64, 0) make the frame as it arrives at a
+    backend through routers, for decap's vectors."""
     e = entropy(client, CPORT)
     payload = inner
+    outer6 = ":" in backend
     if gue:
         sport = 0xC000 | (e & 0x3FFF)
-        payload = struct.pack("!HHHH", sport, 6080, 8 + len(inner), 0) + inner
+        g = gue_v0(outer6, inner_v4, second) if stateless else b""
+        payload = struct.pack("!HHHH", sport, 6080, 8 + len(g) + len(inner), udp_csum) + g + inner
         proto = 17
     else:
         proto = 4 if inner_v4 else 41
-    if ":" in backend:
-        outer = ipv6(str(outer_src6(SRC6, e)), backend, proto, payload, tc=tos, label=e & 0xFFFFF)
+    if outer6:
+        outer = ipv6(str(outer_src6(SRC6, e)), backend, proto, payload, tc=tos, label=e & 0xFFFFF,
+                     hop=ttl)
         et = 0x86DD
     else:
-        outer = ipv4(str(outer_src4(SRC4, e)), backend, proto, payload, tos=tos)
+        outer = ipv4(str(outer_src4(SRC4, e)), backend, proto, payload, tos=tos, ttl=ttl)
         et = 0x0800
     return eth(be_mac, LB_MAC, et) + outer
+
+
+def redirect(frame, second, dmac=None, smac=None):
+    """decap's second chance (docs/dataplane.md, "decap: the second chance") of a frame
+    without VLAN tag: flags |= GUE_F_REDIRECTED (2); outer destination := the secondary;
+    IPv4 (20-byte header only): TTL 64, header checksum recomputed, UDP checksum 0; IPv6:
+    hop limit 64. Ethernet from the FIB (`dmac`, `smac`) or unchanged (through the stack)."""
+    f = bytearray(frame)
+    l3 = 14
+    a = ipaddress.ip_address(second).packed
+    if f[l3] >> 4 == 6:
+        pd = l3 + 40 + 8 + 4
+        assert f[pd:pd + 2] == b"LB" and f[pd + 4:pd + 20] == a
+        f[pd + 2] |= 2
+        f[l3 + 24:l3 + 40] = a
+        f[l3 + 7] = 64
+    else:
+        assert f[l3] == 0x45
+        pd = l3 + 20 + 8 + 4
+        assert f[pd:pd + 2] == b"LB" and f[pd + 4:pd + 8] == a
+        f[pd + 2] |= 2
+        f[l3 + 16:l3 + 20] = a
+        f[l3 + 8] = 64
+        f[l3 + 10:l3 + 12] = b"\0\0"
+        f[l3 + 10:l3 + 12] = struct.pack("!H", csum(bytes(f[l3:l3 + 20])))
+        f[l3 + 26:l3 + 28] = b"\0\0"
+    if dmac:
+        f[0:6] = mac(dmac)
+        f[6:12] = mac(smac)
+    return bytes(f)
 
 
 def frames():
@@ -154,6 +201,51 @@ def frames():
     i = inner4("198.18.10.4", 6, 80)
     cases.append(("l2dsr", "198.18.10.4", 80, 6, "l2dsr", B4, eth(LB_MAC, CLIENT_MAC, 0x0800) + i,
                   eth(B4_MAC, LB_MAC, 0x0800) + i))
+    return cases
+
+
+# Stateless VIPs: the primary (B4 / B6) and the secondary the ring slot carries.
+S4, S6 = "198.18.20.12", "2001:db8:20::12"
+# decap's FIB cases: the interface toward the secondaries and their neighbour entries; for
+# XDP_TX, the route goes out the receiving interface, `lo` under BPF_PROG_TEST_RUN, whose
+# MAC is all zeros.
+FIB_DEV_MAC, S4_MAC, S6_MAC = "02:00:00:00:00:f0", "02:00:00:00:20:0c", "02:00:00:00:60:12"
+LO_MAC = "00:00:00:00:00:00"
+
+
+def stateless_frames():
+    """(name, VIP, port, proto, primary, secondary, input, output) of `lb`."""
+    cases = []
+    i = inner4("198.18.10.5", 6, 80)
+    cases.append(("stateless_4in4", "198.18.10.5", 80, 6, B4, S4, eth(LB_MAC, CLIENT_MAC, 0x0800) + i,
+                  encap(i, True, 0x10, C4, B4, True, B4_MAC, stateless=True, second=S4)))
+    i = inner6("2001:db8:10::5", 6, 80)
+    cases.append(("stateless_6in6", "2001:db8:10::5", 80, 6, B6, S6, eth(LB_MAC, CLIENT_MAC, 0x86DD) + i,
+                  encap(i, False, 0x20, C6, B6, True, B6_MAC, stateless=True, second=S6)))
+    i = inner4("198.18.10.6", 6, 80)
+    cases.append(("stateless_4in6_alone", "198.18.10.6", 80, 6, B6, None,
+                  eth(LB_MAC, CLIENT_MAC, 0x0800) + i,
+                  encap(i, True, 0x10, C4, B6, True, B6_MAC, stateless=True, second=None)))
+    return cases
+
+
+def redirect_frames():
+    """(name, input, output through the stack, output with a FIB route to another interface,
+    output with a route out the receiving one, output when the connection is this host's:
+    decapsulated, Ethernet header kept) of `decap`: the
+    stateless frames above as they reach the primary through routers (TTL / hop limit 61,
+    a UDP checksum set), an ACK of no connection there."""
+    cases = []
+    i = inner4("198.18.10.5", 6, 80)
+    inp = encap(i, True, 0x10, C4, B4, True, B4_MAC, stateless=True, second=S4, ttl=61,
+                udp_csum=0x1234)
+    cases.append(("redirect_v4", inp, redirect(inp, S4), redirect(inp, S4, S4_MAC, FIB_DEV_MAC),
+                  redirect(inp, S4, S4_MAC, LO_MAC), eth(B4_MAC, LB_MAC, 0x0800) + i))
+    i = inner6("2001:db8:10::5", 6, 80)
+    inp = encap(i, False, 0x20, C6, B6, True, B6_MAC, stateless=True, second=S6, ttl=61,
+                udp_csum=0x1234)
+    cases.append(("redirect_v6", inp, redirect(inp, S6), redirect(inp, S6, S6_MAC, FIB_DEV_MAC),
+                  redirect(inp, S6, S6_MAC, LO_MAC), eth(B6_MAC, LB_MAC, 0x86DD) + i))
     return cases
 
 
@@ -217,6 +309,18 @@ def main():
         print(f"// {name}: VIP {vip}:{port}/{proto} {fwd} -> {be}")
         print(f'const IN_{name.upper()}: &str = "{inp.hex()}";')
         print(f'const OUT_{name.upper()}: &str = "{out.hex()}";')
+    for name, vip, port, proto, be, second, inp, out in stateless_frames():
+        print(f"// {name}: stateless VIP {vip}:{port}/{proto} gue -> {be}, secondary {second}")
+        print(f'const IN_{name.upper()}: &str = "{inp.hex()}";')
+        print(f'const OUT_{name.upper()}: &str = "{out.hex()}";')
+    for name, inp, stack, fib, tx, local in redirect_frames():
+        print(f"// {name}: decap's second chance: to the stack / a FIB route via fib0 / via lo;")
+        print("// or decapsulated when this host has the connection")
+        print(f'const IN_{name.upper()}: &str = "{inp.hex()}";')
+        print(f'const OUT_{name.upper()}_STACK: &str = "{stack.hex()}";')
+        print(f'const OUT_{name.upper()}_FIB: &str = "{fib.hex()}";')
+        print(f'const OUT_{name.upper()}_TX: &str = "{tx.hex()}";')
+        print(f'const OUT_{name.upper()}_LOCAL: &str = "{local.hex()}";')
 
 
 if __name__ == "__main__":

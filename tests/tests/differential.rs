@@ -3,17 +3,24 @@
 //! from docs/dataplane.md. Verdict and output bytes must agree on every frame, and the
 //! counters, connection table and `decap` results must agree at the end.
 //!
+//! The fixture gets stateless VIPs too, whose ring words carry secondaries (valid ones and
+//! ones of another VIP, another family, down or missing), one of them on an address that
+//! conntrack VIPs share (so those take the "stateless address" path). `decap` meets their
+//! GUE variant 0 frames, tweaked and mutated, in an empty network namespace: no socket,
+//! no route, so every second chance goes through the stack (`RedirectedStack`).
+//!
 //! Reproduce a failure with `LB_DIFF_SEED=<seed> cargo test --release --test differential`.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::*;
 use lb_tests::{
-    fixture::{v4, v6, Fixture},
+    fixture::{v4, v6, BackendSpec, Fixture, VipSpec},
     harness::{run, test_sizes},
     model::{self, Model},
+    netns::Netns,
     packets::{self, Opts},
 };
-use lb_userspace::dataplane::Dataplane;
+use lb_userspace::dataplane::{Dataplane, Sizes};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const FRAMES: usize = 120_000;
@@ -152,6 +159,179 @@ fn base_frame(rng: &mut StdRng, fx: &Fixture) -> Vec<u8> {
     }
 }
 
+/// Room for the standard fixture's VIPs and the stateless ones (and a free id to move a
+/// VIP to).
+fn sizes() -> Sizes {
+    Sizes {
+        max_vips: 24,
+        ..test_sizes()
+    }
+}
+
+/// Add stateless GUE VIPs to the fixture (applied as conntrack VIPs by `Fixture::apply`,
+/// then made stateless by [`make_stateless`]); returns their indices. Each has backend ids
+/// of its own: four of its family and one of the other (a secondary of the other family
+/// is never carried; a primary of it gives 4-in-6 / 6-in-4).
+fn add_stateless(fx: &mut Fixture) -> Vec<usize> {
+    let specs = [
+        // Shares 198.18.10.1 with conntrack VIPs (ports 80-82).
+        (v4(10, 1), 90, PROTO_TCP, false),
+        (v6(10, 5), 90, PROTO_TCP, true),
+        (v4(10, 6), 91, PROTO_UDP, false),
+    ];
+    let mut out = Vec::new();
+    for (addr, port, proto, six) in specs {
+        let i = fx.vips.len();
+        let mut v = VipSpec {
+            addr,
+            port,
+            proto,
+            forwarding: Forwarding::Gue,
+            affinity: false,
+            backends: Vec::new(),
+        };
+        for k in 0..5u16 {
+            let other = k == 4;
+            let addr = if six != other {
+                v6(21 + i as u16, 10 + k)
+            } else {
+                v4(21 + i as u8, 10 + k as u8)
+            };
+            v.backends.push(fx.backends.len() as u32);
+            fx.backends.push(BackendSpec {
+                addr,
+                weight: 1 + k as u32 % 3,
+                mac: [0x02, 0, 0, 0x21, i as u8, k as u8],
+                state: BACKEND_UP,
+                vip: i as u32,
+            });
+        }
+        fx.vips.push(v);
+        out.push(i);
+    }
+    out
+}
+
+/// A stateless VIP's ring: Maglev's primaries, each with a secondary that is mostly one of
+/// the VIP's members (so sometimes the primary itself: none, or of the other family),
+/// else another VIP's backend, an unused id, or an id beyond `BACKENDS`.
+fn stateless_words(fx: &Fixture, i: usize, rng: &mut StdRng) -> Vec<u32> {
+    let members = &fx.vips[i].backends;
+    let n = fx.backends.len() as u32;
+    fx.ring(i)
+        .into_iter()
+        .map(|p| {
+            let s = match rng.gen_range(0..10) {
+                0..=6 => members[rng.gen_range(0..members.len())],
+                7 => rng.gen_range(0..n),
+                8 if rng.gen_bool(0.5) => p,
+                8 => rng.gen_range(n..sizes().max_backends),
+                _ => 0xffff,
+            };
+            (s << 16) | p
+        })
+        .collect()
+}
+
+/// Write VIP `i`'s ring as slot words and flag it stateless, in the kernel and the model.
+fn make_stateless(fx: &Fixture, dp: &mut Dataplane, model: &mut Model, i: usize, rng: &mut StdRng) {
+    let key = fx.vips[i].key();
+    let mut meta = model.vips[&key];
+    let words = stateless_words(fx, i, rng);
+    let base = dp.write_ring(meta.id, 0, &words).unwrap();
+    for (s, w) in words.iter().enumerate() {
+        model.rings.insert(base + s as u32, *w);
+    }
+    meta.ring_base = base;
+    meta.ring_size = words.len() as u32;
+    meta.flags |= VIP_F_STATELESS;
+    dp.set_vip(&key, &meta).unwrap();
+    model.vips.insert(key, meta);
+}
+
+/// Where our GUE variant 0 header is in an encapsulated frame (as `lb` writes it: a
+/// 20-byte outer IPv4 header or IPv6, UDP to 6080, variant 0 with our hlen).
+struct Gue0 {
+    l3: usize,
+    /// Offset of the GUE header.
+    gue: usize,
+    /// Offset of the private data ("LB", flags, 0, address).
+    private: usize,
+    /// Offset of the inner IP packet.
+    inner: usize,
+}
+
+fn gue0(f: &[u8]) -> Option<Gue0> {
+    let l3 = if f.get(12..14)? == [0x81, 0] { 18 } else { 14 };
+    let outer6 = f.get(l3 - 2..l3)? == [0x86, 0xdd];
+    let udp = l3 + if outer6 { 40 } else { 20 };
+    let gue = udp + 8;
+    let hlen = if outer6 { 5 } else { 2 };
+    let ours = f.get(l3 + if outer6 { 6 } else { 9 }) == Some(&PROTO_UDP)
+        && f.get(udp + 2..udp + 4)? == [0x17, 0xc0]
+        && *f.get(gue)? == hlen;
+    ours.then_some(Gue0 {
+        l3,
+        gue,
+        private: gue + 4,
+        inner: gue + 4 + 4 * hlen as usize,
+    })
+}
+
+/// Change what decides a second chance in a GUE variant 0 frame: its flags (redirected
+/// already, no secondary, random), the inner TCP flags (SYN, SYN+ACK, RST, ...), the GUE
+/// header bytes (hlen, C bit, protocol), the magic, the secondary, outer IPv4 options; or what
+/// a redirect rewrites (TTL / hop limit and UDP checksum, as routers and senders leave
+/// them).
+fn tweak_gue0(rng: &mut StdRng, mut f: Vec<u8>) -> Vec<u8> {
+    let Some(g) = gue0(&f) else {
+        return f;
+    };
+    if rng.gen_bool(0.3) {
+        let six = f[g.l3] >> 4 == 6;
+        f[g.l3 + if six { 7 } else { 8 }] = rng.gen();
+        f[g.gue - 2] = rng.gen();
+        f[g.gue - 1] = rng.gen();
+    }
+    match rng.gen_range(0..10) {
+        0..=2 => {
+            f[g.private + 2] =
+                [0, GUE_F_SECOND, GUE_F_REDIRECTED, 3, rng.gen()][rng.gen_range(0..5)]
+        }
+        3..=5 => {
+            let inner6 = f[g.gue + 1] == 41;
+            let th = if inner6 {
+                (f.get(g.inner + 6) == Some(&PROTO_TCP)).then_some(g.inner + 40)
+            } else {
+                let ihl = 4 * (f[g.inner] & 0xf) as usize;
+                (f.get(g.inner + 9) == Some(&PROTO_TCP)).then_some(g.inner + ihl)
+            };
+            if let Some(th) = th.filter(|&th| th + 14 <= f.len()) {
+                f[th + 13] = [0x02, 0x12, 0x10, 0x04, 0x14, 0x11, rng.gen()][rng.gen_range(0..7)];
+            }
+        }
+        6 => f[g.gue] = rng.gen(),
+        7 => f[g.gue + 1] = [4, 41, 6, rng.gen()][rng.gen_range(0..4)],
+        8 => {
+            let i = g.private + rng.gen_range(0..2);
+            f[i] ^= 1 << rng.gen_range(0..8);
+        }
+        _ => {
+            if f[g.l3] == 0x45 && rng.gen_bool(0.3) {
+                // Outer IPv4 options (NOPs): decapsulated as well, never redirected.
+                f.splice(g.l3 + 20..g.l3 + 20, [1u8; 4]);
+                f[g.l3] = 0x46;
+                let tot = u16::from_be_bytes([f[g.l3 + 2], f[g.l3 + 3]]).wrapping_add(4);
+                f[g.l3 + 2..g.l3 + 4].copy_from_slice(&tot.to_be_bytes());
+            } else {
+                let i = g.private + 4 + rng.gen_range(0..4);
+                f[i] = rng.gen();
+            }
+        }
+    }
+    f
+}
+
 /// Flip, overwrite, truncate or extend: the header bytes get most of the attention.
 fn mutate(rng: &mut StdRng, mut f: Vec<u8>) -> Vec<u8> {
     for _ in 0..rng.gen_range(1..=3) {
@@ -186,16 +366,46 @@ fn program_and_model_agree_on_random_and_mutated_frames() {
         .unwrap_or(0x1b_d1ff);
     println!("seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut dp = Dataplane::load(test_sizes()).unwrap();
+    let mut dp = Dataplane::load(sizes()).unwrap();
     let mut model = Model::default();
     let mut fx = Fixture::standard();
+    let mut stateless = add_stateless(&mut fx);
     fx.apply(&mut dp, &mut model).unwrap();
+    for &i in &stateless {
+        make_stateless(&fx, &mut dp, &mut model, i, &mut rng);
+    }
+    // Rings that name a draining and a down backend, as primaries and as secondaries.
+    for (&i, state) in stateless.iter().zip([BACKEND_DRAINING, BACKEND_DOWN]) {
+        let id = fx.vips[i].backends[1];
+        fx.backends[id as usize].state = state;
+        let be = fx.backend(id);
+        dp.set_backend(id, &be).unwrap();
+        model.backends[id as usize] = be;
+    }
 
     // VIP index in the fixture → its current id (they move, see below).
     let mut vip_ids: Vec<u32> = (0..fx.vips.len() as u32).collect();
     let mut mismatches = Vec::new();
     let mut tx = 0;
+    // Stateless VIPs' forwarded frames with and without a secondary carried.
+    let (mut carried, mut alone) = (0, 0);
     for n in 0..FRAMES {
+        // A third of the way in, two conntrack GUE VIPs (TCP over IPv4, UDP over IPv6)
+        // turn stateless with their connection entries still in CONNS: from then on those
+        // are neither read, refreshed nor removed.
+        if n == FRAMES / 3 {
+            for i in [4, 7] {
+                let v = &fx.vips[i];
+                assert_eq!(v.forwarding, Forwarding::Gue);
+                let ids = v.backends.clone();
+                assert!(
+                    model.conns.values().any(|c| ids.contains(&c.backend)),
+                    "VIP {i} has entries"
+                );
+                make_stateless(&fx, &mut dp, &mut model, i, &mut rng);
+                stateless.push(i);
+            }
+        }
         // Now and then a backend changes state under traffic (rings left as they are, so the
         // data plane also meets rings that name DOWN or DRAINING backends).
         if n % 5000 == 4999 {
@@ -229,10 +439,26 @@ fn program_and_model_agree_on_random_and_mutated_frames() {
             let old = model.vips.remove(&key).unwrap();
             dp.remove_vip(&key).unwrap();
             let used: Vec<u32> = model.vips.values().map(|m| m.id).collect();
-            let id = (0..test_sizes().max_vips)
+            let id = (0..sizes().max_vips)
                 .find(|id| !used.contains(id) && *id != old.id)
                 .unwrap();
-            let ring = fx.ring(i);
+            let ring = if stateless.contains(&i) {
+                // Half the time its members follow it (new memberships, as the agent
+                // makes them), so that secondaries are carried again.
+                if rng.gen_bool(0.5) {
+                    for b in fx.vips[i].backends.clone() {
+                        if fx.backends[b as usize].vip == old.id {
+                            fx.backends[b as usize].vip = id;
+                            let be = fx.backend(b);
+                            dp.set_backend(b, &be).unwrap();
+                            model.backends[b as usize] = be;
+                        }
+                    }
+                }
+                stateless_words(&fx, i, &mut rng)
+            } else {
+                fx.ring(i)
+            };
             let base = dp.write_ring(id, 0, &ring).unwrap();
             for (s, b) in ring.iter().enumerate() {
                 model.rings.insert(base + s as u32, *b);
@@ -253,6 +479,20 @@ fn program_and_model_agree_on_random_and_mutated_frames() {
         let got = run(&mut dp, "lb", &frame).unwrap();
         let want = model.lb(&frame);
         tx += (got.action == 3) as usize;
+        match gue0(&want.frame) {
+            Some(g) if want.action == model::Action::Tx => {
+                assert_eq!(
+                    want.frame[g.private + 2] == GUE_F_SECOND,
+                    want.second.is_some()
+                );
+                if want.second.is_some() {
+                    carried += 1;
+                } else {
+                    alone += 1;
+                }
+            }
+            _ => assert!(want.second.is_none()),
+        }
         if got.action != want.action.xdp_code() || got.frame != want.frame {
             if mismatches.len() < 5 {
                 mismatches.push(format!(
@@ -273,6 +513,11 @@ fn program_and_model_agree_on_random_and_mutated_frames() {
     assert!(
         tx > FRAMES / 5,
         "too few forwarded frames ({tx}) for the test to mean much"
+    );
+    println!("stateless frames: {carried} with a secondary, {alone} without");
+    assert!(
+        carried > 500 && alone > 500,
+        "stateless frames: {carried} with a secondary, {alone} without"
     );
 
     // Every frame counted under exactly the reason the model gave.
@@ -322,34 +567,101 @@ fn program_and_model_agree_on_random_and_mutated_frames() {
     assert!(kernel == want, "connection tables differ");
 }
 
+/// `decap` in an empty namespace (no socket, no route, forwarding off): a packet of no
+/// local connection with a second chance is rewritten and passed to the stack, exactly as
+/// the model's `decap` (`local = |_| false`, `fib = None`) says.
 #[test]
-fn decap_and_model_agree_on_random_and_mutated_frames() {
+fn decap_and_model_agree_on_random_and_mutated_frames_with_no_socket_and_no_route() {
+    let ns = Netns::new("diff-decap").unwrap();
+    ns.run_in(decap_differential).unwrap();
+}
+
+fn decap_differential() {
+    // BPF_PROG_TEST_RUN's socket and FIB lookups see this thread's namespace.
+    let forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    assert_eq!(
+        forwarding.trim(),
+        "0",
+        "forwarding off in the fresh namespace"
+    );
     let mut rng = StdRng::seed_from_u64(7);
-    let mut dp = Dataplane::load(test_sizes()).unwrap();
+    let mut dp = Dataplane::load(sizes()).unwrap();
     let mut model = Model::default();
-    let fx = Fixture::standard();
+    let mut fx = Fixture::standard();
+    let stateless = add_stateless(&mut fx);
     fx.apply(&mut dp, &mut model).unwrap();
-    let mut decapped = 0;
-    for n in 0..40_000 {
-        // Encapsulated frames come from the lb program itself, then get mutated.
-        let frame = base_frame(&mut rng, &fx);
-        let lb_out = model.lb(&frame);
-        let mut f = if lb_out.action == model::Action::Tx {
-            lb_out.frame
+    for &i in &stateless {
+        make_stateless(&fx, &mut dp, &mut model, i, &mut rng);
+    }
+    // Most frames to the stateless VIPs: theirs are the ones with a second chance.
+    let only_stateless = Fixture {
+        vips: stateless.iter().map(|&i| fx.vips[i].clone()).collect(),
+        ..fx.clone()
+    };
+    let mut reasons = [0u64; NUM_DECAP_REASONS as usize];
+    const N: usize = 60_000;
+    for n in 0..N {
+        // Encapsulated frames come from the lb program itself, then get tweaked / mutated.
+        let to = if rng.gen_bool(0.6) {
+            &only_stateless
         } else {
-            frame
+            &fx
         };
-        if rng.gen_bool(0.5) {
+        // Mostly frames the model forwards (a few tries), else whatever came.
+        let tries = if rng.gen_bool(0.8) { 4 } else { 1 };
+        let mut f = Vec::new();
+        for _ in 0..tries {
+            let frame = base_frame(&mut rng, to);
+            let lb_out = model.lb(&frame);
+            if lb_out.action == model::Action::Tx {
+                f = lb_out.frame;
+                break;
+            }
+            f = frame;
+        }
+        if rng.gen_bool(0.4) {
+            f = tweak_gue0(&mut rng, f);
+        }
+        if rng.gen_bool(0.3) {
             f = mutate(&mut rng, f);
         }
         let got = run(&mut dp, "decap", &f).unwrap();
         let (action, reason, out) = model::decap(&f);
-        decapped += (reason == DecapReason::Decapped) as usize;
+        reasons[reason as usize] += 1;
         assert_eq!(
             (got.action, &got.frame),
             (action.xdp_code(), &out),
             "frame #{n} {f:02x?}: model says {reason:?}"
         );
     }
-    assert!(decapped > 6000, "only {decapped} frames decapsulated");
+    // Every frame counted under the model's reason; each reason seen often enough.
+    let counts = dp.decap_counts().unwrap();
+    for r in DecapReason::ALL {
+        assert_eq!(
+            counts[r as usize],
+            reasons[r as usize],
+            "DECAP_STATS[{}]",
+            r.name()
+        );
+    }
+    println!("decap reasons: {reasons:?}");
+    for (r, min) in [
+        (DecapReason::Pass, 2000),
+        (DecapReason::Decapped, 6000),
+        (DecapReason::DropMalformed, 1000),
+        (DecapReason::RedirectedStack, 1000),
+        (DecapReason::NoSecondChance, 1000),
+    ] {
+        assert!(
+            reasons[r as usize] >= min,
+            "only {} frames {}",
+            reasons[r as usize],
+            r.name()
+        );
+    }
+    assert_eq!(
+        reasons[DecapReason::Redirected as usize],
+        0,
+        "no route here"
+    );
 }

@@ -5,10 +5,17 @@
 //! the TTL, the Maglev table or any byte the data plane writes fails here, as Katran's
 //! tester fixtures would. Never regenerate these to make a test pass: a changed value
 //! breaks every LB host that still runs the old one.
-use std::net::IpAddr;
+use std::{
+    net::{IpAddr, SocketAddr, TcpListener},
+    os::fd::{FromRawFd, OwnedFd},
+};
 
 use lb_common::*;
-use lb_tests::{harness, packets::flow4};
+use lb_tests::{
+    harness,
+    netns::{veth_pair, Netns, VethEnd},
+    packets::flow4,
+};
 use lb_userspace::{
     config::Config as AgentConfig,
     dataplane::{addr_raw, port_raw, Dataplane},
@@ -67,6 +74,29 @@ const OUT_GUE_6IN6: &str = "02000000601102000000000186dd6200dcd6003e114020010db8
 // l2dsr: VIP 198.18.10.4:80/6 l2dsr -> 198.18.20.11
 const IN_L2DSR: &str = "02000000000102000000000c08004510002e123440003f069353c612000ac6120a049c40005000000001000000015010ffff43c70000676f6c64656e";
 const OUT_L2DSR: &str = "02000000200b02000000000108004510002e123440003f069353c612000ac6120a049c40005000000001000000015010ffff43c70000676f6c64656e";
+// stateless_4in4: stateless VIP 198.18.10.5:80/6 gue -> 198.18.20.11, secondary 198.18.20.12
+const IN_STATELESS_4IN4: &str = "02000000000102000000000c08004510002e123440003f069352c612000ac6120a059c40005000000001000000015010ffff43c60000676f6c64656e";
+const OUT_STATELESS_4IN4: &str = "02000000200b020000000001080045100056000000004011dab8c612ff9ec612140bd01817c000420000020400004c420100c612140c4510002e123440003f069352c612000ac6120a059c40005000000001000000015010ffff43c60000676f6c64656e";
+// stateless_6in6: stateless VIP 2001:db8:10::5:80/6 gue -> 2001:db8:20::11, secondary 2001:db8:20::12
+const IN_STATELESS_6IN6: &str = "02000000000102000000000c86dd62012345001a063f20010db8000c0000000000000000001020010db80010000000000000000000059c40005000000001000000015010ffff7e570000676f6c64656e";
+const OUT_STATELESS_6IN6: &str = "02000000601102000000000186dd6200dcd60062114020010db800ff000000000000000080b220010db8002000000000000000000011dcd617c000620000052900004c42010020010db800200000000000000000001262012345001a063f20010db8000c0000000000000000001020010db80010000000000000000000059c40005000000001000000015010ffff7e570000676f6c64656e";
+// stateless_4in6_alone: stateless VIP 198.18.10.6:80/6 gue -> 2001:db8:20::11, secondary None
+const IN_STATELESS_4IN6_ALONE: &str = "02000000000102000000000c08004510002e123440003f069351c612000ac6120a069c40005000000001000000015010ffff43c50000676f6c64656e";
+const OUT_STATELESS_4IN6_ALONE: &str = "02000000601102000000000186dd6105d018004e114020010db800ff0000000000000000d59e20010db8002000000000000000000011d01817c0004e0000050400004c420000000000000000000000000000000000004510002e123440003f069351c612000ac6120a069c40005000000001000000015010ffff43c50000676f6c64656e";
+// redirect_v4: decap's second chance: to the stack / a FIB route via fib0 / via lo;
+// or decapsulated when this host has the connection
+const IN_REDIRECT_V4: &str = "02000000200b020000000001080045100056000000003d11ddb8c612ff9ec612140bd01817c000421234020400004c420100c612140c4510002e123440003f069352c612000ac6120a059c40005000000001000000015010ffff43c60000676f6c64656e";
+const OUT_REDIRECT_V4_STACK: &str = "02000000200b020000000001080045100056000000004011dab7c612ff9ec612140cd01817c000420000020400004c420300c612140c4510002e123440003f069352c612000ac6120a059c40005000000001000000015010ffff43c60000676f6c64656e";
+const OUT_REDIRECT_V4_FIB: &str = "02000000200c0200000000f0080045100056000000004011dab7c612ff9ec612140cd01817c000420000020400004c420300c612140c4510002e123440003f069352c612000ac6120a059c40005000000001000000015010ffff43c60000676f6c64656e";
+const OUT_REDIRECT_V4_TX: &str = "02000000200c000000000000080045100056000000004011dab7c612ff9ec612140cd01817c000420000020400004c420300c612140c4510002e123440003f069352c612000ac6120a059c40005000000001000000015010ffff43c60000676f6c64656e";
+const OUT_REDIRECT_V4_LOCAL: &str = "02000000200b02000000000108004510002e123440003f069352c612000ac6120a059c40005000000001000000015010ffff43c60000676f6c64656e";
+// redirect_v6: decap's second chance: to the stack / a FIB route via fib0 / via lo;
+// or decapsulated when this host has the connection
+const IN_REDIRECT_V6: &str = "02000000601102000000000186dd6200dcd60062113d20010db800ff000000000000000080b220010db8002000000000000000000011dcd617c000621234052900004c42010020010db800200000000000000000001262012345001a063f20010db8000c0000000000000000001020010db80010000000000000000000059c40005000000001000000015010ffff7e570000676f6c64656e";
+const OUT_REDIRECT_V6_STACK: &str = "02000000601102000000000186dd6200dcd60062114020010db800ff000000000000000080b220010db8002000000000000000000012dcd617c000621234052900004c42030020010db800200000000000000000001262012345001a063f20010db8000c0000000000000000001020010db80010000000000000000000059c40005000000001000000015010ffff7e570000676f6c64656e";
+const OUT_REDIRECT_V6_FIB: &str = "0200000060120200000000f086dd6200dcd60062114020010db800ff000000000000000080b220010db8002000000000000000000012dcd617c000621234052900004c42030020010db800200000000000000000001262012345001a063f20010db8000c0000000000000000001020010db80010000000000000000000059c40005000000001000000015010ffff7e570000676f6c64656e";
+const OUT_REDIRECT_V6_TX: &str = "02000000601200000000000086dd6200dcd60062114020010db800ff000000000000000080b220010db8002000000000000000000012dcd617c000621234052900004c42030020010db800200000000000000000001262012345001a063f20010db8000c0000000000000000001020010db80010000000000000000000059c40005000000001000000015010ffff7e570000676f6c64656e";
+const OUT_REDIRECT_V6_LOCAL: &str = "02000000601102000000000186dd62012345001a063f20010db8000c0000000000000000001020010db80010000000000000000000059c40005000000001000000015010ffff7e570000676f6c64656e";
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -203,6 +233,46 @@ fn forwards(
     input: &str,
     output: &str,
 ) {
+    forwards_with(vip, port, proto, fwd, 0, backend, None, input, output)
+}
+
+/// A stateless VIP whose ring slots carry `second` (or nothing): `input` must come out as
+/// `output`.
+fn forwards_stateless(
+    vip: &str,
+    port: u16,
+    proto: u8,
+    backend: &str,
+    second: Option<&str>,
+    input: &str,
+    output: &str,
+) {
+    let flags = VIP_F_STATELESS;
+    forwards_with(
+        vip,
+        port,
+        proto,
+        Forwarding::Gue,
+        flags,
+        backend,
+        second,
+        input,
+        output,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forwards_with(
+    vip: &str,
+    port: u16,
+    proto: u8,
+    fwd: Forwarding,
+    flags: u8,
+    backend: &str,
+    second: Option<&str>,
+    input: &str,
+    output: &str,
+) {
     let mut dp = Dataplane::load(harness::test_sizes()).unwrap();
     let (src6, _) = addr_raw(ip("2001:db8:ff::"));
     dp.set_config(&Config {
@@ -222,7 +292,7 @@ fn forwards(
     } else {
         [0x02, 0, 0, 0, 0x20, 0x0b]
     };
-    let (vid, bid) = (3, 5);
+    let (vid, bid, sid) = (3, 5, 6);
     dp.set_backend(
         bid,
         &Backend {
@@ -234,7 +304,22 @@ fn forwards(
         },
     )
     .unwrap();
-    let ring = [bid; 7];
+    // A slot word is the primary id in its low 16 bits and the secondary in the high 16
+    // (equal: none).
+    let mut word = bid | bid << 16;
+    if let Some(second) = second {
+        let (addr, family) = addr_raw(ip(second));
+        let be = Backend {
+            addr,
+            mac: [0x02, 0, 0, 0, 0x77, 0x77],
+            family,
+            state: BACKEND_UP,
+            vip: vid,
+        };
+        dp.set_backend(sid, &be).unwrap();
+        word = bid | sid << 16;
+    }
+    let ring = [word; 7];
     let base = dp.write_ring(vid, 0, &ring).unwrap();
     let (vaddr, vfamily) = addr_raw(ip(vip));
     let key = VipKey {
@@ -250,7 +335,7 @@ fn forwards(
             ring_base: base,
             ring_size: ring.len() as u32,
             forwarding: fwd as u8,
-            flags: 0,
+            flags,
             _pad: [0; 2],
         },
     )
@@ -261,7 +346,7 @@ fn forwards(
     assert_eq!(
         lb_tests_hex(&run.frame),
         output,
-        "{vip}:{port}/{proto} {fwd:?} -> {backend}"
+        "{vip}:{port}/{proto} {fwd:?} flags {flags} -> {backend}, secondary {second:?}"
     );
 }
 
@@ -335,4 +420,281 @@ fn each_forwarding_mode_writes_exactly_these_bytes() {
         IN_L2DSR,
         OUT_L2DSR,
     );
+}
+
+#[test]
+fn a_stateless_vip_writes_exactly_these_bytes() {
+    // The values the spec gives these constants (the vectors below spell them out too).
+    assert_eq!(VIP_F_STATELESS, 2);
+    assert_eq!((GUE_F_SECOND, GUE_F_REDIRECTED), (1, 2));
+    assert_eq!(GUE_LB_MAGIC, *b"LB");
+    assert_eq!((GUE_V0_LEN4, GUE_V0_LEN6), (12, 24));
+    let tcp = PROTO_TCP;
+    forwards_stateless(
+        "198.18.10.5",
+        80,
+        tcp,
+        "198.18.20.11",
+        Some("198.18.20.12"),
+        IN_STATELESS_4IN4,
+        OUT_STATELESS_4IN4,
+    );
+    forwards_stateless(
+        "2001:db8:10::5",
+        80,
+        tcp,
+        "2001:db8:20::11",
+        Some("2001:db8:20::12"),
+        IN_STATELESS_6IN6,
+        OUT_STATELESS_6IN6,
+    );
+    forwards_stateless(
+        "198.18.10.6",
+        80,
+        tcp,
+        "2001:db8:20::11",
+        None,
+        IN_STATELESS_4IN6_ALONE,
+        OUT_STATELESS_4IN6_ALONE,
+    );
+}
+
+/// Run `decap` on `input` inside `ns` (its socket and FIB lookups see that namespace):
+/// the action, the frame and the one `DECAP_STATS` reason counted.
+fn decap_in(ns: &Netns, input: &str) -> (u32, String, DecapReason) {
+    let input = hex(input);
+    ns.run_in(|| {
+        let mut dp = Dataplane::load(harness::test_sizes()).unwrap();
+        let run = harness::run(&mut dp, "decap", &input).unwrap();
+        let counts = dp.decap_counts().unwrap();
+        assert_eq!(counts.iter().sum::<u64>(), 1, "one reason counted");
+        let reason = DecapReason::ALL
+            .into_iter()
+            .find(|r| counts[*r as usize] == 1)
+            .unwrap();
+        (run.action, lb_tests_hex(&run.frame), reason)
+    })
+    .unwrap()
+}
+
+/// An empty namespace: no socket, no route to the secondary, forwarding off. An ACK of no
+/// connection with a second chance goes to the stack rewritten for the secondary.
+#[test]
+fn decap_sends_a_segment_of_no_connection_to_the_secondary_through_the_stack_as_these_bytes() {
+    let ns = Netns::new("golden-decap").unwrap();
+    for (input, output) in [
+        (IN_REDIRECT_V4, OUT_REDIRECT_V4_STACK),
+        (IN_REDIRECT_V6, OUT_REDIRECT_V6_STACK),
+    ] {
+        let (action, frame, reason) = decap_in(&ns, input);
+        assert_eq!(
+            (action, reason),
+            (2, DecapReason::RedirectedStack),
+            "XDP_PASS"
+        );
+        assert_eq!(frame, output);
+    }
+}
+
+/// A namespace with a route and a permanent neighbour entry for each secondary on the
+/// veth `fib0`, forwarding on: the FIB lookup from the receiving interface (`lo` for
+/// BPF_PROG_TEST_RUN) succeeds, the frame gets the neighbour's and `fib0`'s MACs and is
+/// redirected to `fib0` (another interface than the receiving one).
+#[test]
+fn decap_sends_a_segment_of_no_connection_to_the_secondary_s_fib_neighbour_as_these_bytes() {
+    let ns = Netns::new("golden-fib").unwrap();
+    veth_pair(
+        &VethEnd {
+            ns: &ns,
+            name: "fib0",
+            mac: [0x02, 0, 0, 0, 0, 0xf0],
+            addrs: &["198.18.20.1/24", "2001:db8:20::1/64"],
+        },
+        &VethEnd {
+            ns: &ns,
+            name: "fib1",
+            mac: [0x02, 0, 0, 0, 0, 0xf1],
+            addrs: &[],
+        },
+    )
+    .unwrap();
+    for (addr, lladdr) in [
+        ("198.18.20.12", "02:00:00:00:20:0c"),
+        ("2001:db8:20::12", "02:00:00:00:60:12"),
+    ] {
+        ns.ip(&[
+            "neigh",
+            "add",
+            addr,
+            "lladdr",
+            lladdr,
+            "nud",
+            "permanent",
+            "dev",
+            "fib0",
+        ])
+        .unwrap();
+    }
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+    for (input, output) in [
+        (IN_REDIRECT_V4, OUT_REDIRECT_V4_FIB),
+        (IN_REDIRECT_V6, OUT_REDIRECT_V6_FIB),
+    ] {
+        let (action, frame, reason) = decap_in(&ns, input);
+        assert_eq!(
+            (action, reason),
+            (4, DecapReason::Redirected),
+            "XDP_REDIRECT"
+        );
+        assert_eq!(frame, output);
+    }
+}
+
+/// A route to each secondary out of the receiving interface itself (`lo`, whose MAC is all
+/// zeros, under BPF_PROG_TEST_RUN) with a permanent neighbour entry, forwarding on: the
+/// frame gets the neighbour's MAC and `lo`'s and goes back out (XDP_TX).
+#[test]
+fn decap_sends_a_segment_of_no_connection_back_out_the_receiving_interface_as_these_bytes() {
+    let ns = Netns::new("golden-tx").unwrap();
+    for (addr, lladdr) in [
+        ("198.18.20.12", "02:00:00:00:20:0c"),
+        ("2001:db8:20::12", "02:00:00:00:60:12"),
+    ] {
+        ns.ip(&["route", "add", addr, "dev", "lo"]).unwrap();
+        ns.ip(&[
+            "neigh",
+            "add",
+            addr,
+            "lladdr",
+            lladdr,
+            "nud",
+            "permanent",
+            "dev",
+            "lo",
+        ])
+        .unwrap();
+    }
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+    for (input, output) in [
+        (IN_REDIRECT_V4, OUT_REDIRECT_V4_TX),
+        (IN_REDIRECT_V6, OUT_REDIRECT_V6_TX),
+    ] {
+        let (action, frame, reason) = decap_in(&ns, input);
+        assert_eq!((action, reason), (3, DecapReason::Redirected), "XDP_TX");
+        assert_eq!(frame, output);
+    }
+}
+
+/// A TCP connection from `client` (bound to that address and port first, which std cannot
+/// do) to `server`.
+fn connect_from(client: SocketAddr, server: SocketAddr) -> std::io::Result<OwnedFd> {
+    fn raw(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match a {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (ss, len as libc::socklen_t)
+    }
+    let family = if client.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (c, clen) = raw(client);
+    let (s, slen) = raw(server);
+    use std::os::fd::AsRawFd;
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &c as *const _ as *const libc::sockaddr,
+            clen,
+        )
+    } != 0
+        || unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                &s as *const _ as *const libc::sockaddr,
+                slen,
+            )
+        } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// The second chance asks the backend's sockets: a listener on the VIP's port alone does
+/// not make the ACK this host's (redirected, as in an empty namespace); once the client's
+/// connection of that very 5-tuple is established here, the same frame is decapsulated.
+#[test]
+fn decap_keeps_a_segment_of_a_connection_of_this_host_as_these_bytes() {
+    let ns = Netns::new("golden-local").unwrap();
+    for addr in [
+        "198.18.10.5/32",
+        "198.18.0.10/32",
+        "2001:db8:10::5/128",
+        "2001:db8:c::10/128",
+    ] {
+        ns.ip(&["addr", "add", addr, "dev", "lo"]).unwrap();
+    }
+    for (vip, client, input, stack, local) in [
+        (
+            "198.18.10.5",
+            "198.18.0.10",
+            IN_REDIRECT_V4,
+            OUT_REDIRECT_V4_STACK,
+            OUT_REDIRECT_V4_LOCAL,
+        ),
+        (
+            "2001:db8:10::5",
+            "2001:db8:c::10",
+            IN_REDIRECT_V6,
+            OUT_REDIRECT_V6_STACK,
+            OUT_REDIRECT_V6_LOCAL,
+        ),
+    ] {
+        let server = SocketAddr::new(ip(vip), 80);
+        let listener = ns.run_in(|| TcpListener::bind(server)).unwrap().unwrap();
+        let (action, frame, reason) = decap_in(&ns, input);
+        assert_eq!((action, reason), (2, DecapReason::RedirectedStack), "{vip}");
+        assert_eq!(frame, stack);
+        let client = SocketAddr::new(ip(client), 40000);
+        let _conn = ns.run_in(|| connect_from(client, server)).unwrap().unwrap();
+        let (_accepted, peer) = listener.accept().unwrap();
+        assert_eq!(peer, client);
+        let (action, frame, reason) = decap_in(&ns, input);
+        assert_eq!((action, reason), (2, DecapReason::Decapped), "{vip}");
+        assert_eq!(frame, local);
+    }
 }

@@ -6,13 +6,19 @@
 //! of the etherparse-based builders in `packets.rs`. Only the hashes (`flow_hash`,
 //! `flow_entropy`, `ring_slot`) are shared with the program, by design.
 //!
+//! `VIP_FILTER` is not modelled: by the spec neither of its words (the prefilter, and the
+//! stateless-address bit that looks `VIPS` up before `CONNS`) changes a result. `decap`'s
+//! second chance depends on the backend's sockets and FIB, which the model cannot see:
+//! [`decap_with`] takes both as inputs; [`decap`] is a host with neither.
+//!
 //! Places where the spec leaves a choice are marked `// spec:`.
 
 use lb_common::{
     flow_entropy, flow_hash, ring_slot, AddrKey, Backend, ConnVal, Counters, DecapReason, FlowKey,
     Forwarding, Reason, VipKey, VipMeta, BACKEND_DRAINING, BACKEND_EMPTY, BACKEND_UP,
-    CONN_F_CLOSING, FAMILY_V4, FAMILY_V6, GUE_PORT, ICMP4_QUOTE, ICMP6_QUOTE, NUM_REASONS,
-    OUTER_TTL, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, VIP_F_AFFINITY,
+    CONN_F_CLOSING, FAMILY_V4, FAMILY_V6, GUE_F_REDIRECTED, GUE_F_SECOND, GUE_LB_MAGIC, GUE_PORT,
+    ICMP4_QUOTE, ICMP6_QUOTE, NUM_REASONS, OUTER_TTL, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    PROTO_UDP, VIP_F_AFFINITY, VIP_F_STATELESS,
 };
 use std::collections::{HashMap, HashSet};
 
@@ -25,24 +31,28 @@ pub enum Action {
     Drop,
     /// `XDP_TX`
     Tx,
+    /// `XDP_REDIRECT` (only `decap`'s second chance, to another interface).
+    Redirect,
 }
 
 impl Action {
-    /// The XDP return code (`XDP_DROP` 1, `XDP_PASS` 2, `XDP_TX` 3).
+    /// The XDP return code (`XDP_DROP` 1, `XDP_PASS` 2, `XDP_TX` 3, `XDP_REDIRECT` 4).
     pub fn xdp_code(self) -> u32 {
         match self {
             Action::Drop => 1,
             Action::Pass => 2,
             Action::Tx => 3,
+            Action::Redirect => 4,
         }
     }
 
-    /// The action of an XDP return code (`None` for `XDP_ABORTED`, `XDP_REDIRECT`, ...).
+    /// The action of an XDP return code (`None` for `XDP_ABORTED` and unknown codes).
     pub fn from_xdp_code(code: u32) -> Option<Self> {
         match code {
             1 => Some(Action::Drop),
             2 => Some(Action::Pass),
             3 => Some(Action::Tx),
+            4 => Some(Action::Redirect),
             _ => None,
         }
     }
@@ -57,10 +67,13 @@ pub struct Outcome {
     pub frame: Vec<u8>,
     /// The backend the frame was forwarded to (`TxForward`, `TxIcmpForward`), else `None`.
     pub backend: Option<u32>,
-    /// This packet created (or overwrote) a `CONNS` entry and counted a new flow.
-    /// Can be true for a packet that was then dropped/answered as too big (the connection
-    /// entry is made before forwarding).
+    /// This packet counted a new flow: it created (or overwrote) a `CONNS` entry, or, for a
+    /// stateless VIP, it is a SYN (no entry). Can be true for a packet that was then
+    /// dropped/answered as too big (selection comes before forwarding).
     pub new_flow: bool,
+    /// Stateless VIPs: the secondary backend id the packet carries (`GUE_F_SECOND`) when
+    /// forwarded, else `None`.
+    pub second: Option<u32>,
 }
 
 /// What selection reads of a TCP segment (UDP: neither).
@@ -78,7 +91,8 @@ pub struct Model {
     pub config: lb_common::Config,
     pub vips: HashMap<VipKey, VipMeta>,
     pub vip_addrs: HashSet<AddrKey>,
-    /// `RINGS` index -> backend id (an absent index is a lookup miss).
+    /// `RINGS` index -> slot word: primary backend id in the low 16 bits, secondary in the
+    /// high 16 (see [`slot_word`]); an absent index is a lookup miss.
     pub rings: HashMap<u32, u32>,
     /// Index = backend id; beyond `len()` is a lookup miss.
     pub backends: Vec<Backend>,
@@ -164,13 +178,49 @@ pub fn icmp6_checksum(src: &[u8; 16], dst: &[u8; 16], msg: &[u8]) -> u16 {
     fold(sum16(acc, msg))
 }
 
+/// A `RINGS` slot word from its primary and secondary backend ids (spec: "`RINGS` slots
+/// hold words": `primary = w & 0xFFFF`, `secondary = w >> 16`).
+pub fn slot_word(primary: u32, secondary: u32) -> u32 {
+    (primary & 0xFFFF) | (secondary << 16)
+}
+
+fn slot_primary(w: u32) -> u32 {
+    w & 0xFFFF
+}
+
+fn slot_secondary(w: u32) -> u32 {
+    w >> 16
+}
+
 // ---------------------------------------------------------------------------------------
 
-/// Internal verdict before the final `STATS` increment.
+/// Internal verdict before the final `STATS` increment. `Tx` carries the output frame,
+/// the backend and the carried secondary.
 enum Verdict {
     Pass(Reason),
     Drop(Reason),
-    Tx(Reason, Vec<u8>, Option<u32>),
+    Tx(Reason, Vec<u8>, Option<u32>, Option<u32>),
+}
+
+/// How to encapsulate one packet.
+struct Encap<'a> {
+    mac: [u8; 6],
+    entropy: u32,
+    gue: bool,
+    /// The GUE variant 0 header after UDP (stateless VIPs), else empty.
+    gue0: &'a [u8],
+    outer6: bool,
+    inner_len: usize,
+    overhead: usize,
+}
+
+/// What selection chose.
+struct Choice {
+    backend: u32,
+    /// Counted as a new flow.
+    new: bool,
+    /// Stateless VIPs: the slot's secondary, when it is carried.
+    second: Option<u32>,
 }
 use Verdict::{Drop as VDrop, Pass as VPass, Tx as VTx};
 
@@ -220,10 +270,10 @@ impl Model {
     pub fn lb(&mut self, frame: &[u8]) -> Outcome {
         let mut new_flow = false;
         let v = self.lb_inner(frame, &mut new_flow);
-        let (action, reason, out, backend) = match v {
-            VPass(r) => (Action::Pass, r, frame.to_vec(), None),
-            VDrop(r) => (Action::Drop, r, frame.to_vec(), None),
-            VTx(r, out, be) => (Action::Tx, r, out, be),
+        let (action, reason, out, backend, second) = match v {
+            VPass(r) => (Action::Pass, r, frame.to_vec(), None, None),
+            VDrop(r) => (Action::Drop, r, frame.to_vec(), None, None),
+            VTx(r, out, be, second) => (Action::Tx, r, out, be, second),
         };
         self.stats[reason as usize] += 1;
         Outcome {
@@ -232,6 +282,7 @@ impl Model {
             frame: out,
             backend,
             new_flow,
+            second,
         }
     }
 
@@ -407,9 +458,9 @@ impl Model {
             }
         };
         match self.select(&meta, &flow, Some(seg)) {
-            Ok((b, new)) => {
-                *nf = new;
-                self.forward(ip, &meta, &flow, b, new, false)
+            Ok(c) => {
+                *nf = c.new;
+                self.forward(ip, &meta, &flow, &c, false)
             }
             Err(r) => VDrop(r),
         }
@@ -425,15 +476,17 @@ impl Model {
     }
 
     /// Backend selection. `seg` is the TCP/UDP segment, `None` for an ICMP error about the
-    /// flow (reads the table, never writes it). Returns (backend, new).
+    /// flow (reads the table, never writes it).
     fn select(
         &mut self,
         meta: &VipMeta,
         flow: &FlowKey,
         seg: Option<Seg>,
-    ) -> Result<(u32, bool), Reason> {
+    ) -> Result<Choice, Reason> {
+        let stateless = meta.flags & VIP_F_STATELESS != 0;
         let syn = seg.is_some_and(|s| s.syn);
-        if let Some(&c) = self.conns.get(flow).filter(|_| !syn) {
+        // A stateless VIP never reads, creates or refreshes an entry.
+        if let Some(&c) = self.conns.get(flow).filter(|_| !syn && !stateless) {
             if self.holds(&c, meta.id) {
                 if let Some(seg) = seg {
                     // spec: `atime` is the kernel's clock; the model does not keep it.
@@ -441,7 +494,11 @@ impl Model {
                         self.conns.get_mut(flow).unwrap().flags |= CONN_F_CLOSING;
                     }
                 }
-                return Ok((c.backend, false));
+                return Ok(Choice {
+                    backend: c.backend,
+                    new: false,
+                    second: None,
+                });
             }
         }
         if meta.ring_size == 0 {
@@ -454,23 +511,51 @@ impl Model {
         );
         // spec: the index is computed in u32 (wrapping, like the program's arithmetic); a
         // miss in RINGS is treated like a missing backend: DropNoBackend.
-        let Some(&b) = self.rings.get(&meta.ring_base.wrapping_add(slot)) else {
+        let Some(&word) = self.rings.get(&meta.ring_base.wrapping_add(slot)) else {
             return Err(Reason::DropNoBackend);
         };
-        match self.backends.get(b as usize) {
+        let b = slot_primary(word);
+        let family = match self.backends.get(b as usize) {
             None => return Err(Reason::DropNoBackend),
             Some(be) if be.state == BACKEND_EMPTY => return Err(Reason::DropNoBackend),
             // The ring's choice is final, whatever its (non-EMPTY) state.
-            Some(_) => {}
+            Some(be) => be.family,
+        };
+        if stateless {
+            // The secondary travels with the packet when it is another backend that holds
+            // connections (up or draining) in this VIP, of the primary's family.
+            let s = slot_secondary(word);
+            let second = Some(s).filter(|&s| {
+                s != b
+                    && self.backends.get(s as usize).is_some_and(|be| {
+                        (be.state == BACKEND_UP || be.state == BACKEND_DRAINING)
+                            && be.vip == meta.id
+                            && be.family == family
+                    })
+            });
+            // New: a SYN (never an ICMP error).
+            if syn {
+                self.vip_stats.entry(meta.id).or_default().new_flows += 1;
+            }
+            return Ok(Choice {
+                backend: b,
+                new: syn,
+                second,
+            });
         }
+        let plain = Choice {
+            backend: b,
+            new: false,
+            second: None,
+        };
         let Some(seg) = seg else {
-            return Ok((b, false));
+            return Ok(plain);
         };
         if seg.syn {
             // spec: a bare SYN is routed by the ring, creates no entry and removes the
             // 5-tuple's old one.
             self.conns.remove(flow);
-            return Ok((b, false));
+            return Ok(plain);
         }
         self.conns.insert(
             *flow,
@@ -483,7 +568,11 @@ impl Model {
             },
         );
         self.vip_stats.entry(meta.id).or_default().new_flows += 1;
-        Ok((b, true))
+        Ok(Choice {
+            backend: b,
+            new: true,
+            second: None,
+        })
     }
 
     /// ICMP / ICMPv6 to a VIP address, ICMP header at `l4`.
@@ -566,7 +655,7 @@ impl Model {
             _pad: [0; 2],
         };
         match self.select(&meta, &flow, None) {
-            Ok((b, _)) => self.forward(ip, &meta, &flow, b, false, true),
+            Ok(c) => self.forward(ip, &meta, &flow, &c, true),
             Err(r) => VDrop(r),
         }
     }
@@ -576,11 +665,11 @@ impl Model {
         ip: &Ip,
         meta: &VipMeta,
         flow: &FlowKey,
-        b: u32,
-        new: bool,
+        choice: &Choice,
         icmp: bool,
     ) -> Verdict {
         let f = ip.f;
+        let b = choice.backend;
         let be = self.backends[b as usize];
         let mac = if be.mac == [0; 6] {
             self.config.gw_mac
@@ -588,6 +677,7 @@ impl Model {
             be.mac
         };
         let entropy = flow_entropy(flow);
+        let mut second = None;
         let out = match Forwarding::from_u8(meta.forwarding) {
             Some(Forwarding::L2Dsr) => {
                 let mut out = f.to_vec();
@@ -600,8 +690,18 @@ impl Model {
                 // spec: outer IPv6 iff the backend's family is FAMILY_V6; any other value
                 // (4, or garbage) gives an outer IPv4 header.
                 let outer6 = be.family == FAMILY_V6;
+                // spec: the GUE variant 0 header is written for a stateless VIP in `Gue`
+                // mode; a stateless VIP of another mode (which the agent refuses) forwards
+                // as that mode does, with no second chance.
+                let gue0 = if gue && meta.flags & VIP_F_STATELESS != 0 {
+                    second = choice.second;
+                    Some(self.gue0_header(ip.family, outer6, second))
+                } else {
+                    None
+                };
                 let inner_len = ip.ip_end - ip.l3;
-                let overhead = if outer6 { 40 } else { 20 } + if gue { 8 } else { 0 };
+                let gue_len = gue0.as_ref().map_or(0, Vec::len);
+                let overhead = if outer6 { 40 } else { 20 } + if gue { 8 + gue_len } else { 0 };
                 let mtu = self.config.mtu;
                 if mtu != 0 && (inner_len + overhead) as u64 > u64::from(mtu) {
                     if icmp || (ip.family == FAMILY_V4 && !ip.df) {
@@ -609,7 +709,16 @@ impl Model {
                     }
                     return self.too_big(ip, overhead);
                 }
-                self.encap(ip, &be, mac, entropy, gue, outer6, inner_len, overhead)
+                let enc = Encap {
+                    mac,
+                    entropy,
+                    gue,
+                    gue0: gue0.as_deref().unwrap_or(&[]),
+                    outer6,
+                    inner_len,
+                    overhead,
+                };
+                self.encap(ip, &be, &enc)
             }
             // spec: a VIP whose `forwarding` is not a known mode is not covered; the model
             // drops with DropUnsupported at forwarding time (after selection).
@@ -618,37 +727,46 @@ impl Model {
         let c = self.be_stats.entry(b).or_default();
         c.packets += 1;
         c.bytes += f.len() as u64;
-        c.new_flows += u64::from(new);
+        c.new_flows += u64::from(choice.new);
         let reason = if icmp {
             Reason::TxIcmpForward
         } else {
             Reason::TxForward
         };
-        VTx(reason, out, Some(b))
+        VTx(reason, out, Some(b), second)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn encap(
-        &self,
-        ip: &Ip,
-        be: &Backend,
-        mac: [u8; 6],
-        entropy: u32,
-        gue: bool,
-        outer6: bool,
-        inner_len: usize,
-        overhead: usize,
-    ) -> Vec<u8> {
+    /// The GUE variant 0 header of a stateless VIP's packet (spec "`lb`: forward"): `hlen`
+    /// (2 words of private data in an IPv4 outer header, 5 in IPv6), the inner protocol (4
+    /// or 41), two zero bytes; then "LB", flags, 0 and the secondary's address in the outer
+    /// family (zeros when none is carried).
+    fn gue0_header(&self, inner_family: u8, outer6: bool, second: Option<u32>) -> Vec<u8> {
+        let addr_len = if outer6 { 16 } else { 4 };
+        let mut h = vec![(4 + addr_len) as u8 / 4];
+        h.push(if inner_family == FAMILY_V4 { 4 } else { 41 });
+        h.extend_from_slice(&[0, 0]);
+        h.extend_from_slice(&GUE_LB_MAGIC);
+        h.push(if second.is_some() { GUE_F_SECOND } else { 0 });
+        h.push(0);
+        let addr = second.map_or([0; 4], |s| self.backends[s as usize].addr);
+        let mut a = Vec::new();
+        push_words(&mut a, &addr);
+        h.extend_from_slice(&a[..addr_len]);
+        h
+    }
+
+    fn encap(&self, ip: &Ip, be: &Backend, e: &Encap) -> Vec<u8> {
         let f = ip.f;
         let l3 = ip.l3;
         let cfg = &self.config;
-        let mut out = Vec::with_capacity(f.len() + overhead);
-        out.extend_from_slice(&mac);
+        let (entropy, inner_len) = (e.entropy, e.inner_len);
+        let mut out = Vec::with_capacity(f.len() + e.overhead);
+        out.extend_from_slice(&e.mac);
         out.extend_from_slice(&f[0..6]);
         // The VLAN tag (TPID + TCI), if any, exactly as received.
         out.extend_from_slice(&f[12..l3 - 2]);
-        out.extend_from_slice(&(if outer6 { 0x86DDu16 } else { 0x0800 }).to_be_bytes());
-        let proto = if gue {
+        out.extend_from_slice(&(if e.outer6 { 0x86DDu16 } else { 0x0800 }).to_be_bytes());
+        let proto = if e.gue {
             PROTO_UDP
         } else if ip.family == FAMILY_V4 {
             4
@@ -656,12 +774,13 @@ impl Model {
             41
         };
         let tos = ip.tos();
-        if outer6 {
+        if e.outer6 {
             let w0 = (6u32 << 28) | (u32::from(tos) << 20) | (entropy & 0xFFFFF);
             out.extend_from_slice(&w0.to_be_bytes());
             // spec: length fields are 16 bits; they are truncated (`as u16`) if a huge frame
-            // exceeds them with the MTU check off.
-            let plen = (inner_len + if gue { 8 } else { 0 }) as u16;
+            // exceeds them with the MTU check off. The payload is everything after the 40
+            // bytes: UDP and the GUE header included.
+            let plen = (e.overhead - 40 + inner_len) as u16;
             out.extend_from_slice(&plen.to_be_bytes());
             out.push(proto);
             out.push(OUTER_TTL);
@@ -672,7 +791,7 @@ impl Model {
             let mut h = [0u8; 20];
             h[0] = 0x45;
             h[1] = tos;
-            h[2..4].copy_from_slice(&((inner_len + overhead) as u16).to_be_bytes());
+            h[2..4].copy_from_slice(&((inner_len + e.overhead) as u16).to_be_bytes());
             h[8] = OUTER_TTL;
             h[9] = proto;
             let src = (cfg.src4 & !cfg.src4_mask) | (entropy & cfg.src4_mask);
@@ -682,12 +801,13 @@ impl Model {
             h[10..12].copy_from_slice(&c.to_be_bytes());
             out.extend_from_slice(&h);
         }
-        if gue {
+        if e.gue {
             let sport = 0xC000u16 | (entropy & 0x3FFF) as u16;
             out.extend_from_slice(&sport.to_be_bytes());
             out.extend_from_slice(&GUE_PORT.to_be_bytes());
-            out.extend_from_slice(&((8 + inner_len) as u16).to_be_bytes());
+            out.extend_from_slice(&((8 + e.gue0.len() + inner_len) as u16).to_be_bytes());
             out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(e.gue0);
         }
         // Inner packet and any Ethernet padding after it, unchanged.
         out.extend_from_slice(&f[l3..]);
@@ -748,7 +868,7 @@ impl Model {
             icmp[2..4].copy_from_slice(&c.to_be_bytes());
             out.extend_from_slice(&icmp);
         }
-        VTx(Reason::TxIcmpTooBig, out, None)
+        VTx(Reason::TxIcmpTooBig, out, None, None)
     }
 }
 
@@ -779,60 +899,79 @@ fn echo_reply(ip: &Ip, l4: usize) -> Verdict {
     out[l4] = reply_type;
     let c = csum_replace(be16(f, l4 + 2), old, new);
     out[l4 + 2..l4 + 4].copy_from_slice(&c.to_be_bytes());
-    VTx(Reason::TxIcmpEcho, out, None)
+    VTx(Reason::TxIcmpEcho, out, None, None)
 }
 
-/// The `decap` program: returns the verdict, its `DECAP_STATS` reason and the frame as the
-/// program leaves it (unchanged unless `Decapped`).
+/// What `bpf_fib_lookup` finds for a secondary backend (the model sees no FIB): the next
+/// hop's MAC, the egress interface's MAC, and whether the egress interface is the one the
+/// packet came in on (then `XDP_TX`, else `XDP_REDIRECT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FibRoute {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub same_interface: bool,
+}
+
+/// The `decap` program on a host with no local sockets and no route to any secondary
+/// (forwarding off): [`decap_with`] with `local = |_| false` and `fib = None`. Returns the
+/// verdict, its `DECAP_STATS` reason and the frame as the program leaves it.
 pub fn decap(frame: &[u8]) -> (Action, DecapReason, Vec<u8>) {
-    match decap_inner(frame) {
-        Ok(Some(out)) => (Action::Pass, DecapReason::Decapped, out),
-        Ok(None) => (Action::Pass, DecapReason::Pass, frame.to_vec()),
-        Err(()) => (Action::Drop, DecapReason::DropMalformed, frame.to_vec()),
-    }
+    decap_with(frame, |_| false, None)
 }
 
-/// `Ok(None)`: not ours, pass untouched. `Err`: malformed, drop.
-fn decap_inner(f: &[u8]) -> Result<Option<Vec<u8>>, ()> {
+/// The `decap` program with explicit stand-ins for what the model cannot see:
+/// - `local(flow)`: whether the socket lookup on the inner TCP 5-tuple makes the segment
+///   this host's (a socket that is not a listener, or a listener accepting its SYN cookie);
+///   asked only for a TCP segment that is not a bare SYN, of a packet with our private data;
+/// - `fib`: the FIB lookup's answer for the secondary (`None`: no route or no neighbour).
+pub fn decap_with(
+    f: &[u8],
+    local: impl Fn(&FlowKey) -> bool,
+    fib: Option<FibRoute>,
+) -> (Action, DecapReason, Vec<u8>) {
+    let untouched = || (Action::Pass, DecapReason::Pass, f.to_vec());
+    let bad = || (Action::Drop, DecapReason::DropMalformed, f.to_vec());
     let len = f.len();
     // spec: a frame too short for its Ethernet header / VLAN tag is "anything else":
     // passed untouched (decap has no truncation reason of its own before it sees ours).
     if len < 14 {
-        return Ok(None);
+        return untouched();
     }
     let mut ethertype = be16(f, 12);
     let mut l3 = 14;
     if ethertype == 0x8100 {
         if len < 18 {
-            return Ok(None);
+            return untouched();
         }
         ethertype = be16(f, 16);
         l3 = 18;
     }
     // The outer version nibble must match the ethertype (else not ours: pass); the outer
     // length fields are not checked.
-    let (proto, l4) = match ethertype {
+    let (proto, l4, outer6) = match ethertype {
         0x0800 => {
             if l3 + 20 > len {
-                return Ok(None);
+                return untouched();
             }
             let ihl = usize::from(f[l3] & 0x0f);
             if f[l3] >> 4 != 4 || ihl < 5 || l3 + ihl * 4 > len {
-                return Ok(None);
+                return untouched();
             }
             if be16(f, l3 + 6) & 0x3FFF != 0 {
-                return Ok(None);
+                return untouched();
             }
-            (f[l3 + 9], l3 + ihl * 4)
+            (f[l3 + 9], l3 + ihl * 4, false)
         }
         0x86DD => {
             if l3 + 40 > len || f[l3] >> 4 != 6 {
-                return Ok(None);
+                return untouched();
             }
-            (f[l3 + 6], l3 + 40)
+            (f[l3 + 6], l3 + 40, true)
         }
-        _ => return Ok(None),
+        _ => return untouched(),
     };
+    // Offset of our private data, when the packet carries it.
+    let mut private = None;
     let (family, inner) = match proto {
         4 => (FAMILY_V4, l4),
         41 => (FAMILY_V6, l4),
@@ -840,23 +979,53 @@ fn decap_inner(f: &[u8]) -> Result<Option<Vec<u8>>, ()> {
             // spec: the whole 8-byte UDP header must be in the frame to be recognised as
             // ours; otherwise the packet is "anything else" and passed.
             if l4 + 8 > len || be16(f, l4 + 2) != GUE_PORT {
-                return Ok(None);
+                return untouched();
             }
-            let inner = l4 + 8;
-            if inner >= len {
-                return Err(());
+            let g = l4 + 8;
+            if g + 4 > len {
+                return bad();
             }
-            match f[inner] >> 4 {
-                4 => (FAMILY_V4, inner),
-                6 => (FAMILY_V6, inner),
-                _ => return Err(()),
+            let first = f[g];
+            match first >> 6 {
+                1 => match first >> 4 {
+                    4 => (FAMILY_V4, g),
+                    6 => (FAMILY_V6, g),
+                    _ => return bad(),
+                },
+                0 => {
+                    if first & 0x20 != 0 {
+                        return bad();
+                    }
+                    let family = match f[g + 1] {
+                        4 => FAMILY_V4,
+                        41 => FAMILY_V6,
+                        _ => return bad(),
+                    };
+                    let hlen = usize::from(first & 0x1f);
+                    let ours = if outer6 { 5 } else { 2 };
+                    if hlen == ours && g + 4 + 20 <= len && f[g + 4..g + 6] == GUE_LB_MAGIC {
+                        private = Some(g + 4);
+                    }
+                    (family, g + 4 + 4 * hlen)
+                }
+                _ => return bad(),
             }
         }
-        _ => return Ok(None),
+        _ => return untouched(),
     };
     let inner_hl = if family == FAMILY_V4 { 20 } else { 40 };
     if inner + inner_hl > len {
-        return Err(());
+        return bad();
+    }
+    let mut reason = DecapReason::Decapped;
+    if let Some(pd) = private {
+        if !this_hosts(f, inner, family, &local) {
+            let flags = f[pd + 2];
+            if flags & GUE_F_SECOND != 0 && flags & GUE_F_REDIRECTED == 0 {
+                return redirect(f, l3, outer6, pd, fib);
+            }
+            reason = DecapReason::NoSecondChance;
+        }
     }
     let mut out = Vec::with_capacity(len - (inner - l3));
     out.extend_from_slice(&f[..l3 - 2]);
@@ -869,7 +1038,87 @@ fn decap_inner(f: &[u8]) -> Result<Option<Vec<u8>>, ()> {
         .to_be_bytes(),
     );
     out.extend_from_slice(&f[inner..]);
-    Ok(Some(out))
+    (Action::Pass, reason, out)
+}
+
+/// Second chance: is the inner packet at `inner` this host's? Anything but a TCP segment
+/// whose 20-byte header is in the frame is; so is a SYN without ACK; else `local` decides.
+fn this_hosts(f: &[u8], inner: usize, family: u8, local: &impl Fn(&FlowKey) -> bool) -> bool {
+    let (th, src, dst) = if family == FAMILY_V4 {
+        let ihl = usize::from(f[inner] & 0x0f) * 4;
+        if f[inner + 9] != PROTO_TCP || ihl < 20 || be16(f, inner + 6) & 0x3FFF != 0 {
+            return true;
+        }
+        (
+            inner + ihl,
+            [raw32(f, inner + 12), 0, 0, 0],
+            [raw32(f, inner + 16), 0, 0, 0],
+        )
+    } else {
+        // Extension headers included: anything but TCP right after the header.
+        if f[inner + 6] != PROTO_TCP {
+            return true;
+        }
+        (inner + 40, raw128(f, inner + 8), raw128(f, inner + 24))
+    };
+    if th + 20 > f.len() {
+        return true;
+    }
+    if f[th + 13] & 0x12 == 0x02 {
+        return true;
+    }
+    local(&FlowKey {
+        src,
+        dst,
+        sport: raw16(f, th),
+        dport: raw16(f, th + 2),
+        proto: PROTO_TCP,
+        family,
+        _pad: [0; 2],
+    })
+}
+
+/// Send the packet on to the secondary at `pd + 4`: flags `|= GUE_F_REDIRECTED`, outer
+/// destination := secondary, TTL / hop limit 64 (IPv4: 20-byte header only, checksum
+/// recomputed, UDP checksum 0); Ethernet from the FIB, or unchanged through the stack.
+fn redirect(
+    f: &[u8],
+    l3: usize,
+    outer6: bool,
+    pd: usize,
+    fib: Option<FibRoute>,
+) -> (Action, DecapReason, Vec<u8>) {
+    let mut out = f.to_vec();
+    if outer6 {
+        out[pd + 2] |= GUE_F_REDIRECTED;
+        out[l3 + 24..l3 + 40].copy_from_slice(&f[pd + 4..pd + 20]);
+        out[l3 + 7] = OUTER_TTL;
+    } else {
+        if f[l3] != 0x45 {
+            return (Action::Drop, DecapReason::DropMalformed, f.to_vec());
+        }
+        out[pd + 2] |= GUE_F_REDIRECTED;
+        out[l3 + 16..l3 + 20].copy_from_slice(&f[pd + 4..pd + 8]);
+        out[l3 + 8] = OUTER_TTL;
+        out[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+        let c = inet_checksum(&out[l3..l3 + 20]);
+        out[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+        // The UDP checksum (after the 20-byte header).
+        out[l3 + 26..l3 + 28].copy_from_slice(&[0, 0]);
+    }
+    match fib {
+        None => (Action::Pass, DecapReason::RedirectedStack, out),
+        Some(r) => {
+            out[0..6].copy_from_slice(&r.dmac);
+            out[6..12].copy_from_slice(&r.smac);
+            let action = if r.same_interface {
+                Action::Tx
+            } else {
+                Action::Redirect
+            };
+            (action, DecapReason::Redirected, out)
+        }
+    }
 }
 
 #[cfg(test)]

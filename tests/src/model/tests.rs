@@ -219,6 +219,7 @@ fn check_invariants(m: &Model, frame: &[u8], o: &Outcome) {
             assert_eq!(o.frame, frame);
             assert!(o.backend.is_none());
         }
+        Action::Redirect => panic!("lb never redirects"),
         Action::Tx => {
             assert!(matches!(
                 o.reason,
@@ -1389,9 +1390,26 @@ fn random_and_mutated_frames_never_panic() {
         &[B4A, B6B],
         0,
     );
+    // A stateless VIP whose slots carry secondaries (or not).
+    add_vip(
+        &mut m,
+        VIP4.into(),
+        90,
+        TCP,
+        8,
+        Forwarding::Gue,
+        &[
+            slot_word(B4A, B4C),
+            slot_word(B6A, B6B),
+            slot_word(B4B, B4B),
+            slot_word(B4C, B6A),
+        ],
+        VIP_F_STATELESS,
+    );
     let q4 = ip_packet(&tcp4(VIP4, 80, CLIENT4, 5555, false, &[1; 40]));
     let q6 = ip_packet(&udp6(VIP6, 53, CLIENT6, 5555, &[1; 40]));
     let seeds: Vec<Vec<u8>> = vec![
+        tcp4(CLIENT4, 1, VIP4, 90, false, &[7; 60]),
         tcp4(CLIENT4, 1, VIP4, 80, true, &[7; 60]),
         udp4(CLIENT4, 1, VIP4, 53, &[7; 60]),
         udp4(CLIENT4, 1, VIP4, 443, &[7; 60]),
@@ -1444,15 +1462,27 @@ fn random_and_mutated_frames_never_panic() {
         let o = m.lb(&f);
         count += 1;
         check_invariants(&m, &f, &o);
+        // decap with any answer of the socket lookup and the FIB.
+        let is_local = rng.gen_bool(0.5);
+        let fib = [
+            None,
+            Some(FibRoute {
+                dmac: [1; 6],
+                smac: [2; 6],
+                same_interface: rng.gen(),
+            }),
+        ][rng.gen_range(0..2)];
         if o.action == Action::Tx {
             txs += 1;
-            let (_, r, _) = decap(&o.frame);
-            let _ = r;
+            let _ = decap_with(&o.frame, |_| is_local, fib);
         }
-        let (a, r, out) = decap(&f);
-        if r != DecapReason::Decapped {
+        let (a, r, out) = decap_with(&f, |_| is_local, fib);
+        if matches!(r, DecapReason::Pass | DecapReason::DropMalformed) {
             assert_eq!(out, f);
             assert_eq!(a == Action::Drop, r == DecapReason::DropMalformed);
+        }
+        if matches!(r, DecapReason::Redirected | DecapReason::RedirectedStack) {
+            assert_eq!(out.len(), f.len());
         }
     }
     assert_eq!(m.stats.iter().sum::<u64>(), count);
@@ -1462,4 +1492,708 @@ fn random_and_mutated_frames_never_panic() {
     let fwd = m.stats[Reason::TxForward as usize] + m.stats[Reason::TxIcmpForward as usize];
     assert_eq!(be_pkts, fwd);
     assert!(vip_pkts >= fwd);
+}
+
+// -----------------------------------------------------------------------------------
+// Stateless VIPs (second chance): `lb`
+
+/// Id of the stateless VIP of these tests.
+const SVIP: u32 = 9;
+
+/// A model with one stateless GUE VIP (id [`SVIP`]) at `vip`:80/`proto` whose ring holds
+/// `words`; every backend a word names (primary or secondary) is made a member of it.
+fn stateless_model(vip: IpAddr, proto: u8, words: &[u32]) -> Model {
+    let mut m = model(0);
+    add_vip(
+        &mut m,
+        vip,
+        80,
+        proto,
+        SVIP,
+        Forwarding::Gue,
+        words,
+        VIP_F_STATELESS,
+    );
+    for w in words {
+        for b in [w & 0xffff, w >> 16] {
+            if let Some(be) = m.backends.get_mut(b as usize) {
+                be.vip = SVIP;
+            }
+        }
+    }
+    m
+}
+
+/// The GUE variant 0 frame of a stateless VIP, from the spec: [`expected_gue`] (variant 1)
+/// with the 12 (IPv4 outer) / 24 (IPv6 outer) bytes of GUE header inserted after UDP and
+/// every length grown by as much: hlen 2 / 5, inner protocol 4 / 41, 0, 0, "LB", flags
+/// (1 with a secondary), 0, the secondary's address (zeros without).
+fn expected_gue0(
+    input: &[u8],
+    mac: [u8; 6],
+    outer: Outer,
+    entropy: u32,
+    second: Option<IpAddr>,
+) -> Vec<u8> {
+    let base = expected_gue(input, mac, outer, entropy);
+    let inner_v4 = parse_l2(input).ether_type == etherparse::EtherType::IPV4;
+    let outer6 = matches!(outer, Outer::V6 { .. });
+    let mut g = vec![
+        if outer6 { 5 } else { 2 },
+        if inner_v4 { 4 } else { 41 },
+        0,
+        0,
+    ];
+    g.extend_from_slice(b"LB");
+    g.extend_from_slice(&[second.is_some() as u8, 0]);
+    match second {
+        Some(IpAddr::V4(a)) => {
+            assert!(!outer6);
+            g.extend_from_slice(&a.octets());
+        }
+        Some(IpAddr::V6(a)) => {
+            assert!(outer6);
+            g.extend_from_slice(&a.octets());
+        }
+        None => g.resize(g.len() + if outer6 { 16 } else { 4 }, 0),
+    }
+    let l3 = parse_l2(&base).l3;
+    let udp = l3 + if outer6 { 40 } else { 20 };
+    let mut out = base[..udp + 8].to_vec();
+    out.extend_from_slice(&g);
+    out.extend_from_slice(&base[udp + 8..]);
+    let grow = |b: &mut [u8], at: usize| {
+        let v = u16::from_be_bytes([b[at], b[at + 1]]) + g.len() as u16;
+        b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+    };
+    grow(&mut out, udp + 4);
+    if outer6 {
+        grow(&mut out, l3 + 4);
+    } else {
+        grow(&mut out, l3 + 2);
+        let mut h = Ipv4HeaderSlice::from_slice(&out[l3..l3 + 20])
+            .unwrap()
+            .to_header();
+        h.header_checksum = h.calc_header_checksum();
+        out[l3..l3 + 20].copy_from_slice(&h.to_bytes());
+    }
+    out
+}
+
+fn be_addr(m: &Model, b: u32) -> IpAddr {
+    let be = &m.backends[b as usize];
+    ip_from_raw(be.addr, be.family)
+}
+
+fn ip_from_raw(w: [u32; 4], family: u8) -> IpAddr {
+    if family == FAMILY_V6 {
+        let mut b = [0u8; 16];
+        for i in 0..4 {
+            b[4 * i..4 * i + 4].copy_from_slice(&w[i].to_ne_bytes());
+        }
+        Ipv6Addr::from(b).into()
+    } else {
+        Ipv4Addr::from(w[0].to_ne_bytes()).into()
+    }
+}
+
+#[test]
+fn stateless_vip_sends_gue_variant_0_carrying_the_slot_s_secondary() {
+    // (VIP, primary, secondary): 4-in-4, 6-in-6, 4-in-6, 6-in-4; with and without VLAN.
+    let cases = [
+        (IpAddr::from(VIP4), B4A, B4C),
+        (IpAddr::from(VIP6), B6A, B6B),
+        (IpAddr::from(VIP4), B6B, B6A),
+        (IpAddr::from(VIP6), B4B, B4A),
+    ];
+    for (vip, primary, second) in cases {
+        for opts in [Opts::default(), Opts::default().with_vlan(9).with_tos(0x88)] {
+            let mut m = stateless_model(vip, TCP, &[slot_word(primary, second)]);
+            let client = client_for(vip);
+            let input = opts.tcp(client, 40000, vip, 80, b"stateless");
+            let flow = flow_key(client, 40000, vip, 80, TCP);
+            let e = flow_entropy(&flow);
+            let o = m.lb(&input);
+            assert_eq!((o.action, o.reason), (Action::Tx, Reason::TxForward));
+            assert_eq!((o.backend, o.second), (Some(primary), Some(second)));
+            let mac = if m.backends[primary as usize].mac == [0; 6] {
+                GW_MAC
+            } else {
+                MAC_A
+            };
+            let outer = outer_for(&m.config, e, be_addr(&m, primary));
+            let want = expected_gue0(&input, mac, outer, e, Some(be_addr(&m, second)));
+            assert_frame_eq(&o.frame, &want);
+            verify_checksums(&o.frame);
+            // The backend with the connection decapsulates it back to the client's packet.
+            let l3 = parse_l2(&input).l3;
+            let (a, r, d) = decap_with(&o.frame, |_| true, None);
+            assert_eq!((a, r), (Action::Pass, DecapReason::Decapped));
+            assert_frame_eq(&d, &expected_decap(&o.frame, &input[l3..]));
+        }
+    }
+}
+
+#[test]
+fn stateless_vip_never_reads_creates_or_refreshes_a_connection_entry() {
+    let mut m = stateless_model(VIP4.into(), TCP, &[slot_word(B4A, B4C)]);
+    let flow = flow4(CLIENT4, 1000, VIP4, 80, TCP);
+    // An entry that would hold (a live member of this VIP) is not read: the ring decides.
+    let e = entry(&mut m, B4C, SVIP);
+    m.conns.insert(flow, e);
+    let ack = Opts::default()
+        .with_fin(true)
+        .tcp4(CLIENT4, 1000, VIP4, 80, b"");
+    let o = m.lb(&ack);
+    assert_eq!((o.backend, o.new_flow), (Some(B4A), false));
+    // ... nor refreshed (FIN would mark it closing), nor removed by a SYN.
+    assert_eq!(m.conns[&flow], e);
+    let o = m.lb(&tcp4(CLIENT4, 1000, VIP4, 80, true, b""));
+    assert_eq!((o.backend, o.new_flow), (Some(B4A), true));
+    assert_eq!(m.conns.len(), 1);
+    assert_eq!(m.conns[&flow], e);
+    // No entry is made for other flows either, SYN or not.
+    for port in 2000..2010 {
+        m.lb(&tcp4(CLIENT4, port, VIP4, 80, port % 2 == 0, b""));
+    }
+    assert_eq!(m.conns.len(), 1);
+    // new_flows counts SYNs: one above, five in the loop; VIP and backend alike.
+    assert_eq!(m.vip_stats[&SVIP].new_flows, 6);
+    assert_eq!(m.be_stats[&B4A].new_flows, 6);
+    assert_eq!(m.vip_stats[&SVIP].packets, 12);
+    // UDP is never new.
+    let mut u = stateless_model(VIP4.into(), UDP, &[slot_word(B4A, B4C)]);
+    let o = u.lb(&udp4(CLIENT4, 1, VIP4, 80, b"u"));
+    assert_eq!(
+        (o.backend, o.second, o.new_flow),
+        (Some(B4A), Some(B4C), false)
+    );
+    assert!(u.conns.is_empty());
+    assert_eq!(u.vip_stats[&SVIP].new_flows, 0);
+}
+
+#[test]
+fn stateless_syn_with_ack_is_not_a_new_flow() {
+    let mut m = stateless_model(VIP4.into(), TCP, &[slot_word(B4A, B4C)]);
+    // SYN+ACK: build a SYN and set ACK in the TCP flags byte (checksum irrelevant here).
+    let mut f = tcp4(CLIENT4, 1, VIP4, 80, true, b"");
+    f[14 + 20 + 13] |= 0x10;
+    let o = m.lb(&f);
+    assert_eq!((o.reason, o.new_flow), (Reason::TxForward, false));
+    assert!(m.vip_stats[&SVIP].new_flows == 0 && m.conns.is_empty());
+}
+
+#[test]
+fn stateless_secondary_is_carried_only_when_it_holds_in_the_vip_and_the_family() {
+    let input = tcp4(CLIENT4, 1000, VIP4, 80, false, b"");
+    let l3 = 14;
+    // GUE header after the outer IPv4 (20) and UDP (8): flags at +6, address at +8.
+    let g = l3 + 28;
+    let run = |m: &mut Model| {
+        let o = m.lb(&input);
+        assert_eq!(o.reason, Reason::TxForward);
+        assert_eq!(o.backend, Some(B4A));
+        let flags = o.frame[g + 6];
+        let addr: [u8; 4] = o.frame[g + 8..g + 12].try_into().unwrap();
+        assert_eq!(flags, o.second.is_some() as u8);
+        if o.second.is_none() {
+            assert_eq!(addr, [0; 4]);
+        }
+        (o.second, addr)
+    };
+    let carried = (Some(B4C), Ipv4Addr::new(198, 19, 10, 3).octets());
+    // A live member of the VIP, up or draining: carried.
+    let mut m = stateless_model(VIP4.into(), TCP, &[slot_word(B4A, B4C)]);
+    assert_eq!(run(&mut m), carried);
+    m.backends[B4C as usize].state = BACKEND_DRAINING;
+    assert_eq!(run(&mut m), carried);
+    // Down, retired, empty: not.
+    for state in [BACKEND_DOWN, lb_common::BACKEND_RETIRED, BACKEND_EMPTY] {
+        m.backends[B4C as usize].state = state;
+        assert_eq!(run(&mut m), (None, [0; 4]), "state {state}");
+    }
+    // Up but a member of another VIP: not.
+    m.backends[B4C as usize].state = BACKEND_UP;
+    m.backends[B4C as usize].vip = SVIP + 1;
+    assert_eq!(run(&mut m), (None, [0; 4]));
+    // Equal to the primary (no secondary), of the other family, missing, id 0 (EMPTY).
+    for s in [B4A, B6A, 999, 0xffff, 0] {
+        let mut m = stateless_model(VIP4.into(), TCP, &[slot_word(B4A, s)]);
+        assert_eq!(run(&mut m), (None, [0; 4]), "secondary {s}");
+    }
+    // The primary's state does not matter (the ring's choice is final) unless EMPTY.
+    let mut m = stateless_model(VIP4.into(), TCP, &[slot_word(B4A, B4C)]);
+    m.backends[B4A as usize].state = BACKEND_DOWN;
+    assert_eq!(run(&mut m), carried);
+    m.backends[B4A as usize].state = BACKEND_EMPTY;
+    assert_eq!(m.lb(&input).reason, Reason::DropNoBackend);
+    // A primary id beyond the table, an empty ring: no backend.
+    let mut m = stateless_model(VIP4.into(), TCP, &[slot_word(777, B4C)]);
+    assert_eq!(m.lb(&input).reason, Reason::DropNoBackend);
+    m.vips.get_mut(&vip_key4(VIP4, 80, TCP)).unwrap().ring_size = 0;
+    assert_eq!(m.lb(&input).reason, Reason::DropNoBackend);
+    assert_eq!(m.vip_stats[&SVIP].packets, 2);
+}
+
+#[test]
+fn stateless_slot_is_the_flow_hash_slot_of_the_word_ring() {
+    // 13 slots of distinct words: the chosen primary and secondary both come from the
+    // flow's slot.
+    let pairs = [(B4A, B4C), (B4B, B4A), (B4C, B4B)];
+    let words: Vec<u32> = (0..13)
+        .map(|i| slot_word(pairs[i % 3].0, pairs[i % 3].1))
+        .collect();
+    let mut m = stateless_model(VIP4.into(), TCP, &words);
+    let meta = m.vips[&vip_key4(VIP4, 80, TCP)];
+    for port in 1000..1100u16 {
+        let flow = flow4(CLIENT4, port, VIP4, 80, TCP);
+        let slot = flow_hash(m.config.hash_seed, &flow, false) % 13;
+        let (p, s) = pairs[slot as usize % 3];
+        assert_eq!(words[slot as usize], m.rings[&(meta.ring_base + slot)]);
+        let o = m.lb(&tcp4(CLIENT4, port, VIP4, 80, false, b""));
+        assert_eq!((o.backend, o.second), (Some(p), Some(s)), "port {port}");
+    }
+}
+
+#[test]
+fn conntrack_vip_uses_only_the_primary_of_a_slot_word() {
+    let mut m = model(0);
+    add_vip(&mut m, VIP4.into(), 80, TCP, 1, Forwarding::Gue, &[0], 0);
+    let base = m.vips[&vip_key4(VIP4, 80, TCP)].ring_base;
+    m.rings.insert(base, slot_word(B4A, B4C));
+    m.backends[B4A as usize].vip = 1;
+    m.backends[B4C as usize].vip = 1;
+    let input = tcp4(CLIENT4, 1000, VIP4, 80, false, b"x");
+    let flow = flow4(CLIENT4, 1000, VIP4, 80, TCP);
+    let e = flow_entropy(&flow);
+    let o = m.lb(&input);
+    assert_eq!((o.backend, o.second, o.new_flow), (Some(B4A), None, true));
+    assert_eq!(m.conns[&flow].backend, B4A);
+    // GUE variant 1: no GUE header at all.
+    assert_frame_eq(
+        &o.frame,
+        &expected_gue(&input, MAC_A, outer4(&m.config, e, BE4A), e),
+    );
+}
+
+#[test]
+fn stateless_mtu_check_counts_the_gue_header() {
+    let mtu = 1500;
+    // Outer IPv4: 20 + 8 + 12 = 40 bytes; outer IPv6: 40 + 8 + 24 = 72.
+    for (primary, overhead) in [(B4A, 40usize), (B6A, 72)] {
+        let mut m = stateless_model(VIP4.into(), TCP, &[slot_word(primary, primary)]);
+        m.config.mtu = mtu;
+        let fits = mtu as usize - overhead - 40; // inner IPv4 + TCP headers: 40
+        let o = Opts::default()
+            .with_df(true)
+            .tcp4(CLIENT4, 1, VIP4, 80, &vec![7; fits]);
+        let out = m.lb(&o);
+        assert_eq!(out.reason, Reason::TxForward, "overhead {overhead}");
+        assert_eq!(out.frame.len(), o.len() + overhead);
+        let big = Opts::default()
+            .with_df(true)
+            .tcp4(CLIENT4, 1, VIP4, 80, &vec![7; fits + 1]);
+        let out = m.lb(&big);
+        assert_eq!(out.reason, Reason::TxIcmpTooBig);
+        assert_frame_eq(
+            &out.frame,
+            &expected_icmp_too_big4(&big, (mtu as usize - overhead) as u16),
+        );
+        let nodf = tcp4(CLIENT4, 1, VIP4, 80, false, &vec![7; fits + 1]);
+        assert_eq!(m.lb(&nodf).reason, Reason::DropTooBig);
+    }
+    // IPv6 inner, IPv6 outer: too big says mtu - 72.
+    let mut m = stateless_model(VIP6.into(), TCP, &[slot_word(B6A, B6B)]);
+    m.config.mtu = mtu;
+    let fits = mtu as usize - 72 - 60;
+    let ok = tcp6(CLIENT6, 1, VIP6, 80, false, &vec![1; fits]);
+    assert_eq!(m.lb(&ok).reason, Reason::TxForward);
+    let big = tcp6(CLIENT6, 1, VIP6, 80, false, &vec![1; fits + 1]);
+    let out = m.lb(&big);
+    assert_eq!(out.reason, Reason::TxIcmpTooBig);
+    assert_frame_eq(&out.frame, &expected_icmp_too_big6(&big, mtu - 72));
+}
+
+#[test]
+fn stateless_icmp_error_goes_to_the_ring_primary_with_its_secondary() {
+    let mut m = stateless_model(VIP4.into(), TCP, &[slot_word(B4A, B4C)]);
+    let q = ip_packet(&tcp4(VIP4, 80, CLIENT4, 5555, false, &[1; 40]));
+    let f = icmp4_dest_unreach(ROUTER4, VIP4, 1400, &q);
+    let o = m.lb(&f);
+    assert_eq!(
+        (o.reason, o.backend, o.second, o.new_flow),
+        (Reason::TxIcmpForward, Some(B4A), Some(B4C), false)
+    );
+    assert!(m.conns.is_empty());
+    assert_eq!(m.vip_stats[&SVIP].new_flows, 0);
+    // The ICMP packet itself is the inner packet of the GUE variant 0 frame.
+    assert_eq!(
+        &o.frame[14 + 28..14 + 28 + 8],
+        &[2, 4, 0, 0, b'L', b'B', 1, 0]
+    );
+    assert_eq!(&o.frame[14 + 40..], &f[14..]);
+    // IPv6.
+    let mut m = stateless_model(VIP6.into(), UDP, &[slot_word(B6A, B6B)]);
+    let q = ip_packet(&udp6(VIP6, 80, CLIENT6, 5555, &[1; 40]));
+    let o = m.lb(&icmp6_packet_too_big(ROUTER6, VIP6, 1280, &q));
+    assert_eq!(
+        (o.reason, o.backend, o.second),
+        (Reason::TxIcmpForward, Some(B6A), Some(B6B))
+    );
+    assert_eq!(&o.frame[14 + 48..14 + 56], &[5, 41, 0, 0, b'L', b'B', 1, 0]);
+    assert_eq!(&o.frame[14 + 56..14 + 72], &BE6B.octets());
+}
+
+// -----------------------------------------------------------------------------------
+// decap: GUE variant 0 and the second chance
+
+/// An outer IPv4 (`BE4B` -> `BE4A`) / IPv6 (`BE6B` -> `BE6A`) UDP datagram to 6080 holding
+/// `gue` then `inner` (an IP packet), UDP checksum 0. `opts` for VLAN / IPv4 options.
+fn gue_frame(opts: &Opts, outer6: bool, gue: &[u8], inner: &[u8]) -> Vec<u8> {
+    let mut udp = vec![0x12, 0x34, (GUE_PORT >> 8) as u8, GUE_PORT as u8];
+    udp.extend_from_slice(&((8 + gue.len() + inner.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(gue);
+    udp.extend_from_slice(inner);
+    if outer6 {
+        opts.ip_raw(BE6B.into(), BE6A.into(), UDP, &udp)
+    } else {
+        opts.ip_raw(BE4B.into(), BE4A.into(), UDP, &udp)
+    }
+}
+
+/// Our GUE variant 0 header for an outer family: hlen, inner protocol, 0, 0, "LB", `flags`,
+/// 0, `second` (4 / 16 bytes).
+fn gue0(outer6: bool, inner_v4: bool, flags: u8, second: &[u8]) -> Vec<u8> {
+    let mut g = vec![
+        if outer6 { 5 } else { 2 },
+        if inner_v4 { 4 } else { 41 },
+        0,
+        0,
+    ];
+    g.extend_from_slice(&[b'L', b'B', flags, 0]);
+    g.extend_from_slice(second);
+    g
+}
+
+const SECOND4: Ipv4Addr = Ipv4Addr::new(198, 19, 10, 77);
+const SECOND6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x77);
+
+fn second_of(outer6: bool) -> Vec<u8> {
+    if outer6 {
+        SECOND6.octets().to_vec()
+    } else {
+        SECOND4.octets().to_vec()
+    }
+}
+
+fn never_asked(_: &FlowKey) -> bool {
+    panic!("the socket lookup must not be asked")
+}
+
+#[test]
+fn decap_parses_gue_variant_0() {
+    let bad = (Action::Drop, DecapReason::DropMalformed);
+    let inner4 = ip_packet(&tcp4(CLIENT4, 1, VIP4, 80, false, b"abc"));
+    let inner6 = ip_packet(&tcp6(CLIENT6, 1, VIP6, 80, false, b"abc"));
+    let o = Opts::default();
+    for outer6 in [false, true] {
+        for (inner, v4) in [(&inner4, true), (&inner6, false)] {
+            let p = if v4 { 4 } else { 41 };
+            // Any hlen: the inner packet follows 4 + 4*hlen bytes of GUE header. Only our
+            // own hlen with "LB" is private data; the rest is plain decapsulation.
+            for hlen in [0u8, 1, 2, 3, 5, 31] {
+                let mut g = vec![hlen, p, 0, 0];
+                g.extend((0..4 * hlen as usize).map(|i| 0xa0 ^ i as u8));
+                let f = gue_frame(&o, outer6, &g, inner);
+                let (a, r, out) = decap_with(&f, never_asked, None);
+                assert_eq!((a, r), (Action::Pass, DecapReason::Decapped), "hlen {hlen}");
+                assert_frame_eq(&out, &expected_decap(&f, inner));
+            }
+            // Flags byte and reserved bytes (2-3) are not checked.
+            let f = gue_frame(&o, outer6, &[0, p, 0xff, 0xff], inner);
+            assert_eq!(decap(&f).1, DecapReason::Decapped);
+            // C set, another protocol, variants 2 and 3: malformed.
+            for g in [
+                [0x20, p, 0, 0],
+                [0, 17, 0, 0],
+                [0, 6, 0, 0],
+                [0x80, p, 0, 0],
+            ] {
+                let f = gue_frame(&o, outer6, &g, inner);
+                assert_eq!(decap_with(&f, never_asked, None), (bad.0, bad.1, f.clone()));
+            }
+            let f = gue_frame(&o, outer6, &[0xc0 | p, 0, 0, 0], inner);
+            assert_eq!(decap(&f).1, DecapReason::DropMalformed);
+            // The protocol byte names the inner family, whatever the inner packet says.
+            let other = if v4 { &inner6 } else { &inner4 };
+            let f = gue_frame(&o, outer6, &[0, p, 0, 0], other);
+            let (_, r, out) = decap(&f);
+            assert_eq!(r, DecapReason::Decapped);
+            assert_eq!(&out[12..14], if v4 { &[8, 0] } else { &[0x86, 0xdd] });
+            // Our private data but with the other family's hlen, or not "LB": not ours.
+            let sec = second_of(!outer6);
+            let g = gue0(!outer6, v4, GUE_F_SECOND, &sec);
+            let f = gue_frame(&o, outer6, &g, inner);
+            assert_eq!(decap_with(&f, never_asked, None).1, DecapReason::Decapped);
+            let mut g = gue0(outer6, v4, GUE_F_SECOND, &second_of(outer6));
+            g[5] = b'C';
+            let f = gue_frame(&o, outer6, &g, inner);
+            assert_eq!(decap_with(&f, never_asked, None).1, DecapReason::Decapped);
+        }
+    }
+    // Truncated anywhere: before UDP's end not ours; then malformed until the inner header
+    // is whole; from there the second chance (not local, no route) sends it on.
+    for outer6 in [false, true] {
+        let g = gue0(outer6, true, GUE_F_SECOND, &second_of(outer6));
+        let f = gue_frame(&o, outer6, &g, &inner4);
+        let udp = 14 + if outer6 { 40 } else { 20 };
+        let inner = udp + 8 + g.len();
+        for n in 0..f.len() {
+            let (a, r, out) = decap(&f[..n]);
+            let want = if n < udp + 8 {
+                (Action::Pass, DecapReason::Pass)
+            } else if n < inner + 20 {
+                bad
+            } else if n < inner + 40 {
+                // TCP header cut: not a segment the socket lookup can judge: this host's.
+                (Action::Pass, DecapReason::Decapped)
+            } else {
+                (Action::Pass, DecapReason::RedirectedStack)
+            };
+            assert_eq!((a, r), want, "outer6 {outer6} len {n}");
+            if r != DecapReason::Decapped && r != DecapReason::RedirectedStack {
+                assert_eq!(out, &f[..n]);
+            }
+        }
+    }
+}
+
+/// The stateless frame `lb` sends for an ACK from `CLIENT4:1000` to the stateless VIP,
+/// primary `primary`, secondary `second`, plus the input.
+fn stateless_frame(vip: IpAddr, primary: u32, second: u32, opts: &Opts) -> (Vec<u8>, Vec<u8>) {
+    let mut m = stateless_model(vip, TCP, &[slot_word(primary, second)]);
+    let input = opts.tcp(client_for(vip), 1000, vip, 80, b"data");
+    let o = m.lb(&input);
+    assert_eq!(o.reason, Reason::TxForward);
+    (input, o.frame)
+}
+
+#[test]
+fn decap_second_chance_sends_a_segment_of_no_local_connection_to_the_secondary() {
+    let vlan = Opts::default().with_vlan(12);
+    for (vip, primary, second) in [
+        (IpAddr::from(VIP4), B4A, B4C),
+        (IpAddr::from(VIP6), B6A, B6B),
+        (IpAddr::from(VIP4), B6A, B6B),
+        (IpAddr::from(VIP6), B4A, B4C),
+    ] {
+        for opts in [Opts::default(), vlan.clone()] {
+            let (input, mut enc) = stateless_frame(vip, primary, second, &opts);
+            let l3 = parse_l2(&enc).l3;
+            let outer6 = enc[l3] >> 4 == 6;
+            let udp = l3 + if outer6 { 40 } else { 20 };
+            let pd = udp + 12;
+            // As it arrives through routers, from a sender that filled in a UDP checksum.
+            enc[udp + 6..udp + 8].copy_from_slice(&[0xbe, 0xef]);
+            if outer6 {
+                enc[l3 + 7] = 61;
+            } else {
+                let mut h = Ipv4HeaderSlice::from_slice(&enc[l3..l3 + 20])
+                    .unwrap()
+                    .to_header();
+                h.time_to_live = 61;
+                h.header_checksum = h.calc_header_checksum();
+                enc[l3..l3 + 20].copy_from_slice(&h.to_bytes());
+            }
+            let flow = flow_key(client_for(vip), 1000, vip, 80, TCP);
+            // Not this host's, no route: rewritten and passed to the stack.
+            let asked = std::cell::Cell::new(0);
+            let (a, r, out) = decap_with(
+                &enc,
+                |k| {
+                    assert_eq!(*k, flow, "the socket lookup sees the inner 5-tuple");
+                    asked.set(asked.get() + 1);
+                    false
+                },
+                None,
+            );
+            assert_eq!(asked.get(), 1);
+            assert_eq!((a, r), (Action::Pass, DecapReason::RedirectedStack));
+            // Spec, byte by byte: flags |= 2, destination := secondary, TTL 64 (IPv4:
+            // header checksum recomputed, UDP checksum 0); the rest as it was.
+            let mut want = enc.clone();
+            want[pd + 2] |= GUE_F_REDIRECTED;
+            let sec = match be_addr(&stateless_model(vip, TCP, &[]), second) {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            };
+            if outer6 {
+                want[l3 + 24..l3 + 40].copy_from_slice(&sec);
+                want[l3 + 7] = 64;
+            } else {
+                let mut h = Ipv4HeaderSlice::from_slice(&enc[l3..l3 + 20])
+                    .unwrap()
+                    .to_header();
+                h.destination.copy_from_slice(&sec);
+                h.time_to_live = 64;
+                h.header_checksum = h.calc_header_checksum();
+                want[l3..l3 + 20].copy_from_slice(&h.to_bytes());
+                want[udp + 6..udp + 8].copy_from_slice(&[0, 0]);
+            }
+            assert_frame_eq(&out, &want);
+            assert_eq!(&out[pd + 4..pd + 4 + sec.len()], &sec[..]);
+            verify_checksums(&out);
+            // With a route: Ethernet from the FIB; TX out the same interface, else redirect.
+            for (same, action) in [(true, Action::Tx), (false, Action::Redirect)] {
+                let fib = FibRoute {
+                    dmac: [0x0a; 6],
+                    smac: [0x0b; 6],
+                    same_interface: same,
+                };
+                let (a, r, out) = decap_with(&enc, |_| false, Some(fib));
+                assert_eq!((a, r), (action, DecapReason::Redirected));
+                let mut w = want.clone();
+                w[0..6].copy_from_slice(&[0x0a; 6]);
+                w[6..12].copy_from_slice(&[0x0b; 6]);
+                assert_frame_eq(&out, &w);
+            }
+            // This host's connection: decapsulated, whatever the FIB says.
+            let (a, r, out) = decap_with(
+                &enc,
+                |_| true,
+                Some(FibRoute {
+                    dmac: [1; 6],
+                    smac: [2; 6],
+                    same_interface: true,
+                }),
+            );
+            assert_eq!((a, r), (Action::Pass, DecapReason::Decapped));
+            assert_frame_eq(&out, &expected_decap(&enc, &input[opts_l3(&opts)..]));
+            // At the secondary (redirected once): never again; decapsulated as no second
+            // chance when it is not that host's either.
+            let (a, r, again) = decap_with(&out_redirected(&enc), |_| false, None);
+            assert_eq!((a, r), (Action::Pass, DecapReason::NoSecondChance));
+            assert_frame_eq(&again, &expected_decap(&enc, &input[opts_l3(&opts)..]));
+            let (_, r, _) = decap_with(&out_redirected(&enc), |_| true, None);
+            assert_eq!(r, DecapReason::Decapped);
+        }
+    }
+}
+
+fn opts_l3(o: &Opts) -> usize {
+    if o.vlan.is_some() {
+        18
+    } else {
+        14
+    }
+}
+
+/// `enc` as the model's decap redirects it (no route).
+fn out_redirected(enc: &[u8]) -> Vec<u8> {
+    let (_, r, out) = decap(enc);
+    assert_eq!(r, DecapReason::RedirectedStack);
+    out
+}
+
+#[test]
+fn decap_second_chance_keeps_syns_non_tcp_and_cut_segments_and_rsts_follow_the_rule() {
+    let o = Opts::default();
+    for outer6 in [false, true] {
+        let sec = second_of(outer6);
+        let g = gue0(outer6, true, GUE_F_SECOND, &sec);
+        let g6 = gue0(outer6, false, GUE_F_SECOND, &sec);
+        let decapped = |f: &[u8]| {
+            let (a, r, _) = decap_with(f, never_asked, None);
+            (a, r)
+        };
+        let dec = (Action::Pass, DecapReason::Decapped);
+        // A SYN starts where the ring sent it: no lookup.
+        let syn = ip_packet(&tcp4(CLIENT4, 1, VIP4, 80, true, b""));
+        assert_eq!(decapped(&gue_frame(&o, outer6, &g, &syn)), dec);
+        let syn6 = ip_packet(&tcp6(CLIENT6, 1, VIP6, 80, true, b""));
+        assert_eq!(decapped(&gue_frame(&o, outer6, &g6, &syn6)), dec);
+        // UDP, ICMP: this host's.
+        let u = ip_packet(&udp4(CLIENT4, 1, VIP4, 80, b"u"));
+        assert_eq!(decapped(&gue_frame(&o, outer6, &g, &u)), dec);
+        let u6 = ip_packet(&udp6(CLIENT6, 1, VIP6, 80, b"u"));
+        assert_eq!(decapped(&gue_frame(&o, outer6, &g6, &u6)), dec);
+        // An inner IPv4 fragment or IHL < 5; an IPv6 extension header before TCP.
+        let ack = ip_packet(&tcp4(CLIENT4, 1, VIP4, 80, false, b"x"));
+        let mut frag = ack.clone();
+        frag[6] = 0x20;
+        assert_eq!(decapped(&gue_frame(&o, outer6, &g, &frag)), dec);
+        let mut ihl4 = ack.clone();
+        ihl4[0] = 0x44;
+        assert_eq!(decapped(&gue_frame(&o, outer6, &g, &ihl4)), dec);
+        let ext = ip_packet(
+            &Opts {
+                ipv6_fragment: true,
+                ..Default::default()
+            }
+            .tcp6(CLIENT6, 1, VIP6, 80, b"x"),
+        );
+        assert_eq!(decapped(&gue_frame(&o, outer6, &g6, &ext)), dec);
+        // The TCP header not whole in the frame.
+        let f = gue_frame(&o, outer6, &g, &ack);
+        assert_eq!(decapped(&f[..f.len() - 2 - 1]), dec);
+        // Inner IPv4 options: the TCP header is found after them.
+        let opt = ip_packet(
+            &Opts {
+                ipv4_options: vec![1; 8],
+                ..Default::default()
+            }
+            .tcp4(CLIENT4, 7, VIP4, 80, b"x"),
+        );
+        let want = flow4(CLIENT4, 7, VIP4, 80, TCP);
+        let f = gue_frame(&o, outer6, &g, &opt);
+        let (_, r, _) = decap_with(&f, |k| *k == want, None);
+        assert_eq!(r, DecapReason::Decapped);
+        assert_eq!(decap(&f).1, DecapReason::RedirectedStack);
+        // RST, FIN, SYN+ACK: no exception.
+        for flags in [0x04u8, 0x14, 0x11, 0x12] {
+            let mut seg = ack.clone();
+            seg[20 + 13] = flags;
+            let f = gue_frame(&o, outer6, &g, &seg);
+            assert_eq!(
+                decap(&f).1,
+                DecapReason::RedirectedStack,
+                "flags {flags:#x}"
+            );
+        }
+        // No secondary, or redirected already: decapsulated, "no second chance".
+        for flags in [0, GUE_F_REDIRECTED, GUE_F_SECOND | GUE_F_REDIRECTED, 0xfe] {
+            let g = gue0(outer6, true, flags, &sec);
+            let f = gue_frame(&o, outer6, &g, &ack);
+            let (a, r, out) = decap(&f);
+            assert_eq!((a, r), (Action::Pass, DecapReason::NoSecondChance));
+            assert_frame_eq(&out, &expected_decap(&f, &ack));
+        }
+        // Other flag bits ride along.
+        let g = gue0(outer6, true, GUE_F_SECOND | 0x80, &sec);
+        let (_, r, out) = decap(&gue_frame(&o, outer6, &g, &ack));
+        assert_eq!(r, DecapReason::RedirectedStack);
+        let pd = 14 + if outer6 { 40 } else { 20 } + 12;
+        assert_eq!(out[pd + 2], 0x83);
+    }
+    // An outer IPv4 header with options cannot be redirected (only 20-byte headers are):
+    // malformed, untouched; yet a packet of a local connection is decapsulated.
+    let o = Opts {
+        ipv4_options: vec![1; 4],
+        ..Default::default()
+    };
+    let ack = ip_packet(&tcp4(CLIENT4, 1, VIP4, 80, false, b"x"));
+    let f = gue_frame(
+        &o,
+        false,
+        &gue0(false, true, GUE_F_SECOND, &SECOND4.octets()),
+        &ack,
+    );
+    assert_eq!(
+        decap(&f),
+        (Action::Drop, DecapReason::DropMalformed, f.clone())
+    );
+    let (a, r, out) = decap_with(&f, |_| true, None);
+    assert_eq!((a, r), (Action::Pass, DecapReason::Decapped));
+    assert_frame_eq(&out, &expected_decap(&f, &ack));
 }
