@@ -51,6 +51,7 @@ struct Conn {
     t0: Instant,
     spec: VipSpec,
     seed: u32,
+    ring_size: u32,
     local: SocketAddr,
     own: usize,
     own_netns: String,
@@ -59,9 +60,8 @@ struct Conn {
 }
 
 impl Conn {
-    /// The backend the live ring names for the connection's slot.
-    fn primary(&self, tb: &Testbed) -> Result<IpAddr> {
-        let ring = tb.ring_on(0, &self.spec)?;
+    /// The connection's ring slot (rings of `agent.ring_size` slots).
+    fn slot(&self) -> usize {
         let flow = flow_key(
             self.local.ip(),
             self.local.port(),
@@ -69,8 +69,18 @@ impl Conn {
             self.spec.port,
             PROTO_TCP,
         );
-        let slot = ring_slot(flow_hash(self.seed, &flow, false), ring.len() as u32);
-        Ok(ring[slot as usize])
+        ring_slot(flow_hash(self.seed, &flow, false), self.ring_size) as usize
+    }
+
+    /// The backend the live ring names for the connection's slot.
+    fn primary(&self, tb: &Testbed) -> Result<IpAddr> {
+        let ring = tb.ring_on(0, &self.spec)?;
+        ensure!(
+            ring.len() == self.ring_size as usize,
+            "ring of {} slots",
+            ring.len()
+        );
+        Ok(ring[self.slot()])
     }
 
     /// Second-chance redirects the backends made so far (fast path and through the stack).
@@ -129,8 +139,6 @@ fn weights(tb: &Testbed, spec: &VipSpec, w: &[(IpAddr, u32)]) -> Result<()> {
 }
 
 fn events(tb: &mut Testbed, c: &mut Conn) -> Result<()> {
-    let v6 = c.own_addr.is_ipv6();
-    let addrs: Vec<IpAddr> = tb.backends().iter().map(|b| b.addr(v6)).collect();
     let vip = c.spec.socket_addr();
     wait_received(&c.shared, STEP, "the start")?;
     ensure!(
@@ -145,13 +153,26 @@ fn events(tb: &mut Testbed, c: &mut Conn) -> Result<()> {
     restart_empty(tb)?;
     c.mark("LB restarted with its maps removed")?;
 
-    // 2. Weights that move the connection's slot away from its backend.
+    // 2. A weight that moves the connection's slot away from its backend, in one change
+    // (a slot that moves twice before its connection ends may lose it: the README says
+    // so): the lightest weight for its backend whose ring, built here from the config
+    // with the agent's own function, puts the slot elsewhere.
     let before = Conn::redirects(tb)?;
-    let heavy: Vec<(IpAddr, u32)> = addrs
+    let mut cfg = tb.agent_config(std::slice::from_ref(&c.spec))?;
+    let slot = c.slot();
+    let own = cfg.vips[0]
+        .backends
         .iter()
-        .map(|&a| (a, if a == c.own_addr { 1 } else { 5000 }))
-        .collect();
-    weights(tb, &c.spec, &heavy)?;
+        .position(|b| b.address == c.own_addr)
+        .context("own backend not in the config")?;
+    let light = (1..100)
+        .find(|&w| {
+            cfg.vips[0].backends[own].weight = w;
+            lb_userspace::reconcile::ring_addresses(&cfg, &cfg.vips[0])
+                .is_ok_and(|r| r[slot] != c.own_addr)
+        })
+        .context("no weight moves the slot")?;
+    weights(tb, &c.spec, &[(c.own_addr, light)])?;
     let moved_to = c.primary(tb)?;
     ensure!(
         moved_to != c.own_addr,
@@ -174,9 +195,13 @@ fn events(tb: &mut Testbed, c: &mut Conn) -> Result<()> {
         "the restart moved the slot again"
     );
 
-    // 4. Equal weights again, in one change (equal weights make the same ring whatever
-    // their value): the slot returns. Then drain the connection's own backend.
-    weights(tb, &c.spec, &[(c.own_addr, 5000)])?;
+    // 4. Its weight back, in one change (the ring depends only on the config): the slot
+    // returns. Then drain the connection's own backend.
+    weights(
+        tb,
+        &c.spec,
+        &[(c.own_addr, cfg.vips[0].backends[(own + 1) % 3].weight)],
+    )?;
     ensure!(
         c.primary(tb)? == c.own_addr,
         "equal weights again, but the slot is on {}",
@@ -242,6 +267,7 @@ fn download_survives(v6: bool) -> Result<()> {
         t0,
         spec: spec.clone(),
         seed,
+        ring_size: cfg.agent.ring_size,
         local: addr,
         own: 0,
         own_netns: String::new(),
