@@ -282,6 +282,11 @@ fn redirect(ctx: &XdpContext, l3: usize, outer6: bool, pd: usize) -> (u32, Decap
         fib.__bindgen_anon_3.ipv4_src = ld32(ip + 12);
         fib.__bindgen_anon_4.ipv4_dst = second;
     }
+    // A tagged frame: the FIB would name the VLAN device, to which XDP cannot send (the
+    // packet would be lost at the redirect): the stack sends it.
+    if l3 != 14 {
+        return (XDP_PASS, DecapReason::RedirectedStack);
+    }
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,

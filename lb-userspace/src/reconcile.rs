@@ -194,7 +194,7 @@ pub fn dataplane_config(cfg: &Config, mtu: u32) -> Result<lb_common::Config> {
     Ok(c)
 }
 
-/// FNV-1a over a ring's backend ids.
+/// FNV-1a over a ring's words (backend ids; with a secondary for stateless VIPs).
 pub fn ring_hash(ring: &[u32]) -> u64 {
     ring.iter()
         .flat_map(|id| id.to_le_bytes())
@@ -239,13 +239,13 @@ fn with_secondaries(
     prev: Option<Vec<u32>>,
     seconds: &[u32],
 ) -> Result<Vec<u32>> {
-    let holds: HashSet<u32> = applied
-        .members
+    // From the config, not from `applied`: a backend removed in this change is still a
+    // member there until it is retired (and its id may come back for a newcomer).
+    let holds: HashSet<u32> = v
+        .backends
         .iter()
-        .filter(|((k, _), (_, be))| {
-            k == key && (be.state == BACKEND_UP || be.state == BACKEND_DRAINING)
-        })
-        .map(|(_, (id, _))| *id)
+        .filter(|b| !b.down)
+        .filter_map(|b| applied.member_id(key, &b.address))
         .collect();
     let draining = v
         .backends
@@ -458,7 +458,21 @@ pub fn reconcile(
         }
         // Slot -> backend index -> id: one id lookup per backend, not one per slot
         // (65,537 hash lookups were most of a rebuild).
-        let (active, table, seconds) = ring_of(cfg, v)?;
+        // Every backend of a stateless VIP draining: with no table to keep their connections,
+        // a ring over the draining ones does (new connections land there too: nobody else
+        // would take them). Weight 0 stays out: it has no share.
+        let all_draining;
+        let source = if v.mode == Mode::Stateless && !v.backends.iter().any(|b| b.active()) {
+            let mut all = v.clone();
+            for b in &mut all.backends {
+                b.drain = false;
+            }
+            all_draining = all;
+            &all_draining
+        } else {
+            v
+        };
+        let (active, table, seconds) = ring_of(cfg, source)?;
         let id_of: Vec<u32> = active
             .iter()
             .map(|b| applied.members[&(key, b.address)].0)

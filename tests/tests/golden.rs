@@ -549,6 +549,17 @@ fn decap_sends_a_segment_of_no_connection_to_the_secondary_s_fib_neighbour_as_th
         );
         assert_eq!(frame, output);
     }
+    // The same frames behind a VLAN tag go through the stack even with a route: XDP cannot
+    // send on the VLAN device the FIB names. (The tag is inserted into the literals.)
+    let tagged = |f: &str| -> String { format!("{}81000007{}", &f[..24], &f[24..]) };
+    for (input, output) in [
+        (IN_REDIRECT_V4, OUT_REDIRECT_V4_STACK),
+        (IN_REDIRECT_V6, OUT_REDIRECT_V6_STACK),
+    ] {
+        let (action, frame, reason) = decap_in(&ns, &tagged(input));
+        assert_eq!((action, reason), (2, DecapReason::RedirectedStack), "tagged");
+        assert_eq!(frame, tagged(output));
+    }
 }
 
 /// A route to each secondary out of the receiving interface itself (`lo`, whose MAC is all

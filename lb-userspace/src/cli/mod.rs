@@ -95,9 +95,9 @@ enum VipCmd {
         /// The transport protocol.
         #[arg(value_enum)]
         protocol: Protocol,
-        /// How packets reach the backends.
-        #[arg(long, value_enum, default_value_t = Forwarding::Ipip)]
-        forwarding: Forwarding,
+        /// How packets reach the backends [default: ipip; gue with --mode stateless].
+        #[arg(long, value_enum)]
+        forwarding: Option<Forwarding>,
         /// conntrack (a connection table on the LB) or stateless (second chance on the
         /// backends; TCP over gue only).
         #[arg(long, value_enum, default_value_t = Mode::Conntrack)]
@@ -235,7 +235,10 @@ impl Cmd {
                             address,
                             port,
                             protocol,
-                            forwarding,
+                            forwarding: forwarding.unwrap_or(match mode {
+                                Mode::Stateless => Forwarding::Gue,
+                                Mode::Conntrack => Forwarding::Ipip,
+                            }),
                             mode,
                             affinity,
                             health: (health != HealthSpec::default()).then_some(health),

@@ -1080,7 +1080,8 @@ fn this_hosts(f: &[u8], inner: usize, family: u8, local: &impl Fn(&FlowKey) -> b
 
 /// Send the packet on to the secondary at `pd + 4`: flags `|= GUE_F_REDIRECTED`, outer
 /// destination := secondary, TTL / hop limit 64 (IPv4: 20-byte header only, checksum
-/// recomputed, UDP checksum 0); Ethernet from the FIB, or unchanged through the stack.
+/// recomputed, UDP checksum 0); Ethernet from the FIB, or unchanged through the stack
+/// (always for a VLAN-tagged frame).
 fn redirect(
     f: &[u8],
     l3: usize,
@@ -1106,7 +1107,9 @@ fn redirect(
         // The UDP checksum (after the 20-byte header).
         out[l3 + 26..l3 + 28].copy_from_slice(&[0, 0]);
     }
-    match fib {
+    // spec: a frame with a VLAN tag goes through the stack (the FIB would name the VLAN
+    // device, where XDP cannot send).
+    match fib.filter(|_| l3 == 14) {
         None => (Action::Pass, DecapReason::RedirectedStack, out),
         Some(r) => {
             out[0..6].copy_from_slice(&r.dmac);
