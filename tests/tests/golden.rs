@@ -557,7 +557,11 @@ fn decap_sends_a_segment_of_no_connection_to_the_secondary_s_fib_neighbour_as_th
         (IN_REDIRECT_V6, OUT_REDIRECT_V6_STACK),
     ] {
         let (action, frame, reason) = decap_in(&ns, &tagged(input));
-        assert_eq!((action, reason), (2, DecapReason::RedirectedStack), "tagged");
+        assert_eq!(
+            (action, reason),
+            (2, DecapReason::RedirectedStack),
+            "tagged"
+        );
         assert_eq!(frame, tagged(output));
     }
 }

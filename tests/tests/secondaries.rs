@@ -234,3 +234,49 @@ fn a_packet_of_a_moved_slot_carries_its_old_owner_s_address() {
     }
     assert!(checked > 30, "only {checked} flows of moved slots");
 }
+
+/// A backend removed in a change is gone from the VIP: no slot names it as secondary (its
+/// id is retired and may come back for a newcomer).
+#[test]
+fn a_removed_backend_is_no_slot_s_secondary() {
+    let mut dp = Dataplane::load(test_sizes()).unwrap();
+    let mut applied = Applied::default();
+    let c0 = config(
+        Mode::Stateless,
+        &[(11, 100, false), (12, 100, false), (13, 100, false)],
+    );
+    apply(&mut dp, &mut applied, &c0);
+    let w0 = words(&dp, &c0);
+    assert!(w0.iter().any(|&(p, _)| p == 13));
+    let c1 = config(Mode::Stateless, &[(11, 100, false), (12, 100, false)]);
+    apply(&mut dp, &mut applied, &c1);
+    let w1 = words(&dp, &c1);
+    for (s, &(p, sec)) in w1.iter().enumerate() {
+        assert!(
+            p != 13 && sec != 13,
+            "slot {s}: .{p} / .{sec} after .13 left"
+        );
+    }
+}
+
+/// Every backend of a stateless VIP draining: the ring is built over them (nothing else
+/// would keep their connections), the same primaries as before the drain.
+#[test]
+fn a_stateless_vip_whose_backends_all_drain_keeps_a_ring_over_them() {
+    let mut dp = Dataplane::load(test_sizes()).unwrap();
+    let mut applied = Applied::default();
+    let c0 = config(Mode::Stateless, &[(11, 100, false), (12, 100, false)]);
+    apply(&mut dp, &mut applied, &c0);
+    let w0 = words(&dp, &c0);
+    let c1 = config(Mode::Stateless, &[(11, 100, true), (12, 100, true)]);
+    apply(&mut dp, &mut applied, &c1);
+    let w1 = words(&dp, &c1);
+    assert_eq!(w1.len(), RING as usize, "an empty ring");
+    let p = |w: &[(u8, u8)]| w.iter().map(|x| x.0).collect::<Vec<_>>();
+    assert_eq!(p(&w1), p(&w0));
+    // A conntrack VIP keeps its drained backends' flows in its table: its ring empties.
+    let c2 = config(Mode::Conntrack, &[(11, 100, true), (12, 100, true)]);
+    apply(&mut dp, &mut applied, &c2);
+    let meta = dp.vips.get(&reconcile::vip_key(&c2.vips[0]), 0).unwrap();
+    assert_eq!(meta.ring_size, 0);
+}
