@@ -17,8 +17,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    DecapReason, GUE_F_REDIRECTED, GUE_F_SECOND, GUE_LB_MAGIC, GUE_PORT, OUTER_TTL, PROTO_TCP,
-    PROTO_UDP,
+    DecapReason, GUE_F_REDIRECTED, GUE_F_SECOND, GUE_LB_MAGIC, GUE_PORT, OUTER_TTL, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{csum::fold, pkt::*};
@@ -174,7 +174,14 @@ fn local(ctx: &XdpContext, inner: usize, family: u8) -> Option<bool> {
         let ip = check(ctx, inner, 20)?;
         let vihl = ld8(ip);
         let ihl = ((vihl & 0xf) as usize) << 2;
-        if ld8(ip + 9) != PROTO_TCP || ihl < 20 || u16::from_be(ld16(ip + 6)) & 0x3fff != 0 {
+        if ihl < 20 || u16::from_be(ld16(ip + 6)) & 0x3fff != 0 {
+            return None;
+        }
+        let proto = ld8(ip + 9);
+        if proto == PROTO_ICMP {
+            return icmp_local(ctx, inner + ihl, 4);
+        }
+        if proto != PROTO_TCP {
             return None;
         }
         let th = check(ctx, inner + ihl, 20)?;
@@ -186,7 +193,11 @@ fn local(ctx: &XdpContext, inner: usize, family: u8) -> Option<bool> {
         (ip, th, 12u32, 20u32)
     } else {
         let ip = check(ctx, inner, 40)?;
-        if ld8(ip + 6) != PROTO_TCP {
+        let next = ld8(ip + 6);
+        if next == PROTO_ICMPV6 {
+            return icmp_local(ctx, inner + 40, 6);
+        }
+        if next != PROTO_TCP {
             return None;
         }
         let th = check(ctx, inner + 40, 20)?;
@@ -224,6 +235,69 @@ fn local(ctx: &XdpContext, inner: usize, family: u8) -> Option<bool> {
     } else {
         true
     };
+    unsafe { bpf_sk_release(sk as *mut _) };
+    Some(here)
+}
+
+/// An ICMP error (IPv4 types 3, 11; ICMPv6 1-3) quoting a TCP segment this host sent (VIP
+/// to client): `Some(true)` when the quoted connection has a socket here (not a listener),
+/// `Some(false)` when not (the connection may be the secondary's: a path-MTU error must
+/// reach it); `None` for any other ICMP, or a quote too short to tell.
+#[inline(always)]
+fn icmp_local(ctx: &XdpContext, l4: usize, family: u8) -> Option<bool> {
+    let icmp = check(ctx, l4, 8)?;
+    let ty = ld8(icmp);
+    let error = if family == 4 {
+        ty == 3 || ty == 11
+    } else {
+        (1..=3).contains(&ty)
+    };
+    if !error {
+        return None;
+    }
+    let q = l4 + 8;
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    // The quote went from here to the client: the socket's remote end is its destination.
+    let size = if family == 4 {
+        let qh = check(ctx, q, 20)?;
+        let vihl = ld8(qh);
+        let qihl = ((vihl & 0xf) as usize) << 2;
+        if vihl >> 4 != 4 || qihl < 20 || ld8(qh + 9) != PROTO_TCP {
+            return None;
+        }
+        let p = check(ctx, q + qihl, 4)?;
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
+        t.saddr = ld32(qh + 16);
+        t.daddr = ld32(qh + 12);
+        t.sport = ld16(p + 2);
+        t.dport = ld16(p);
+        12u32
+    } else {
+        let qh = check(ctx, q, 40)?;
+        if ld8(qh) >> 4 != 6 || ld8(qh + 6) != PROTO_TCP {
+            return None;
+        }
+        let p = check(ctx, q + 40, 4)?;
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
+        t.saddr = ld_addr6(qh + 24);
+        t.daddr = ld_addr6(qh + 8);
+        t.sport = ld16(p + 2);
+        t.dport = ld16(p);
+        36u32
+    };
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.ctx as *mut _,
+            &mut tuple,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return Some(false);
+    }
+    let here = unsafe { (*sk).state } != TCP_LISTEN;
     unsafe { bpf_sk_release(sk as *mut _) };
     Some(here)
 }

@@ -1041,12 +1041,70 @@ pub fn decap_with(
     (Action::Pass, reason, out)
 }
 
+/// Second chance for an ICMP error at `l4` (IPv4 types 3/11, ICMPv6 1-3) quoting a TCP
+/// segment from this host (VIP) to a client: `local` decides on the quoted connection, seen
+/// from here (source := the quote's destination, ports swapped). Any other ICMP, or a quote
+/// cut before its ports, is this host's.
+fn icmp_this_hosts(f: &[u8], l4: usize, family: u8, local: &impl Fn(&FlowKey) -> bool) -> bool {
+    let len = f.len();
+    if l4 + 8 > len {
+        return true;
+    }
+    let ty = f[l4];
+    let error = if family == FAMILY_V4 {
+        ty == 3 || ty == 11
+    } else {
+        (1..=3).contains(&ty)
+    };
+    if !error {
+        return true;
+    }
+    let q = l4 + 8;
+    let (p, src, dst) = if family == FAMILY_V4 {
+        if q + 20 > len {
+            return true;
+        }
+        let qihl = usize::from(f[q] & 0x0f) * 4;
+        if f[q] >> 4 != 4 || qihl < 20 || f[q + 9] != PROTO_TCP {
+            return true;
+        }
+        (
+            q + qihl,
+            [raw32(f, q + 16), 0, 0, 0],
+            [raw32(f, q + 12), 0, 0, 0],
+        )
+    } else {
+        if q + 40 > len || f[q] >> 4 != 6 || f[q + 6] != PROTO_TCP {
+            return true;
+        }
+        (q + 40, raw128(f, q + 24), raw128(f, q + 8))
+    };
+    if p + 4 > len {
+        return true;
+    }
+    local(&FlowKey {
+        src,
+        dst,
+        sport: raw16(f, p + 2),
+        dport: raw16(f, p),
+        proto: PROTO_TCP,
+        family,
+        _pad: [0; 2],
+    })
+}
+
 /// Second chance: is the inner packet at `inner` this host's? Anything but a TCP segment
 /// whose 20-byte header is in the frame is; so is a SYN without ACK; else `local` decides.
 fn this_hosts(f: &[u8], inner: usize, family: u8, local: &impl Fn(&FlowKey) -> bool) -> bool {
     let (th, src, dst) = if family == FAMILY_V4 {
         let ihl = usize::from(f[inner] & 0x0f) * 4;
-        if f[inner + 9] != PROTO_TCP || ihl < 20 || be16(f, inner + 6) & 0x3FFF != 0 {
+        if ihl < 20 || be16(f, inner + 6) & 0x3FFF != 0 {
+            return true;
+        }
+        if f[inner + 9] == 1 {
+            return icmp_this_hosts(f, inner + ihl, family, local);
+        }
+        if f[inner + 9] != PROTO_TCP {
             return true;
         }
         (
@@ -1055,6 +1113,9 @@ fn this_hosts(f: &[u8], inner: usize, family: u8, local: &impl Fn(&FlowKey) -> b
             [raw32(f, inner + 16), 0, 0, 0],
         )
     } else {
+        if f[inner + 6] == 58 {
+            return icmp_this_hosts(f, inner + 40, family, local);
+        }
         // Extension headers included: anything but TCP right after the header.
         if f[inner + 6] != PROTO_TCP {
             return true;

@@ -2203,3 +2203,59 @@ fn decap_second_chance_keeps_syns_non_tcp_and_cut_segments_and_rsts_follow_the_r
     assert_eq!((a, r), (Action::Pass, DecapReason::Decapped));
     assert_frame_eq(&out, &expected_decap(&f, &ack));
 }
+
+/// An ICMP error about a TCP connection of the VIP (the quote went VIP -> client) asks
+/// about that connection, seen from the backend (source := the quote's destination, ports
+/// swapped): here → decapsulated; not here → sent on to the secondary (a path-MTU error
+/// must reach the connection where it lives). Echoes and errors quoting UDP are this
+/// host's, as are quotes cut before the ports.
+#[test]
+fn decap_second_chance_sends_an_icmp_error_about_a_connection_it_lacks_to_the_secondary() {
+    let o = Opts::default();
+    for outer6 in [false, true] {
+        let sec = second_of(outer6);
+        let g = gue0(outer6, true, GUE_F_SECOND, &sec);
+        let g6 = gue0(outer6, false, GUE_F_SECOND, &sec);
+        let q4 = ip_packet(&tcp4(VIP4, 80, CLIENT4, 5555, false, &[9; 30]));
+        let q6 = ip_packet(&tcp6(VIP6, 80, CLIENT6, 5555, false, &[9; 30]));
+        let conn4 = flow4(CLIENT4, 5555, VIP4, 80, TCP);
+        let conn6 = flow6(CLIENT6, 5555, VIP6, 80, TCP);
+        let cases = [
+            (
+                g.clone(),
+                icmp4_dest_unreach(ROUTER4, VIP4, 1400, &q4),
+                conn4,
+            ),
+            (
+                g.clone(),
+                icmp4_time_exceeded(ROUTER4, VIP4, &q4[..24]),
+                conn4,
+            ),
+            (
+                g6.clone(),
+                icmp6_packet_too_big(ROUTER6, VIP6, 1280, &q6),
+                conn6,
+            ),
+        ];
+        for (gue, icmp, conn) in cases {
+            let f = gue_frame(&o, outer6, &gue, &ip_packet(&icmp));
+            let (_, r, _) = decap_with(&f, |k| *k == conn, None);
+            assert_eq!(r, DecapReason::Decapped, "the connection is here");
+            let (_, r, _) = decap_with(&f, |k| *k != conn, None);
+            assert_eq!(
+                r,
+                DecapReason::RedirectedStack,
+                "the connection is not here"
+            );
+        }
+        // Quoting UDP, or cut before the quote's ports: this host's, nothing asked.
+        let qu = ip_packet(&udp4(VIP4, 53, CLIENT4, 5555, b"x"));
+        for icmp in [
+            icmp4_dest_unreach(ROUTER4, VIP4, 1400, &qu),
+            icmp4_dest_unreach(ROUTER4, VIP4, 1400, &q4[..22]),
+        ] {
+            let f = gue_frame(&o, outer6, &g, &ip_packet(&icmp));
+            assert_eq!(decap_with(&f, never_asked, None).1, DecapReason::Decapped);
+        }
+    }
+}
