@@ -7,12 +7,12 @@
 //! secondary backend it names instead (docs/dataplane.md, "decap: the second chance").
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, bpf_sock_tuple, xdp_action::*, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_F_CURRENT_NETNS,
+        bpf_fib_lookup as FibParams, bpf_sock, bpf_sock_tuple, xdp_action::*,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_CURRENT_NETNS,
     },
     helpers::{
-        bpf_fib_lookup, bpf_redirect, bpf_sk_release, bpf_skc_lookup_tcp,
-        bpf_tcp_check_syncookie, bpf_xdp_adjust_head,
+        bpf_fib_lookup, bpf_redirect, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
+        bpf_xdp_adjust_head,
     },
     programs::XdpContext,
 };
@@ -169,8 +169,7 @@ pub fn decap(ctx: &XdpContext) -> (u32, DecapReason) {
 /// ICMP error, an IPv6 extension header): accepted as it is.
 #[inline(always)]
 fn local(ctx: &XdpContext, inner: usize, family: u8) -> Option<bool> {
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let (ip, th, size, iph_len) = if family == 4 {
+    let (ip, th, tuple, iph_len) = if family == 4 {
         let ip = check(ctx, inner, 20)?;
         let vihl = ld8(ip);
         let ihl = ((vihl & 0xf) as usize) << 2;
@@ -185,12 +184,8 @@ fn local(ctx: &XdpContext, inner: usize, family: u8) -> Option<bool> {
             return None;
         }
         let th = check(ctx, inner + ihl, 20)?;
-        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
-        t.saddr = ld32(ip + 12);
-        t.daddr = ld32(ip + 16);
-        t.sport = ld16(th);
-        t.dport = ld16(th + 2);
-        (ip, th, 12u32, 20u32)
+        let tuple = Tuple::v4(ld32(ip + 12), ld32(ip + 16), ld16(th), ld16(th + 2));
+        (ip, th, tuple, 20u32)
     } else {
         let ip = check(ctx, inner, 40)?;
         let next = ld8(ip + 6);
@@ -201,42 +196,65 @@ fn local(ctx: &XdpContext, inner: usize, family: u8) -> Option<bool> {
             return None;
         }
         let th = check(ctx, inner + 40, 20)?;
-        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
-        t.saddr = ld_addr6(ip + 8);
-        t.daddr = ld_addr6(ip + 24);
-        t.sport = ld16(th);
-        t.dport = ld16(th + 2);
-        (ip, th, 36u32, 40u32)
+        let tuple = Tuple::v6(ld_addr6(ip + 8), ld_addr6(ip + 24), ld16(th), ld16(th + 2));
+        (ip, th, tuple, 40u32)
     };
     const SYN: u8 = 0x02;
     const ACK: u8 = 0x10;
     if ld8(th + 13) & (SYN | ACK) == SYN {
         return Some(true);
     }
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(
-            ctx.ctx as *mut _,
-            &mut tuple,
-            size,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
-    if sk.is_null() {
-        return Some(false);
-    }
     // A listener matches any tuple: only an ACK carrying a valid SYN cookie (the listener
     // overflowed and answered statelessly) makes the connection this host's.
-    let here = if unsafe { (*sk).state } == TCP_LISTEN {
-        let r = unsafe {
-            bpf_tcp_check_syncookie(sk as *mut _, ip as *mut _, iph_len, th as *mut _, 20)
+    Some(tuple.ask(ctx, |sk| unsafe {
+        (*sk).state != TCP_LISTEN
+            || bpf_tcp_check_syncookie(sk as *mut _, ip as *mut _, iph_len, th as *mut _, 20) == 0
+    }))
+}
+
+/// A socket lookup's key: the packet's source (the remote end) and destination (here).
+struct Tuple {
+    tuple: bpf_sock_tuple,
+    size: u32,
+}
+
+impl Tuple {
+    #[inline(always)]
+    fn v4(saddr: u32, daddr: u32, sport: u16, dport: u16) -> Tuple {
+        let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
+        (t.saddr, t.daddr, t.sport, t.dport) = (saddr, daddr, sport, dport);
+        Tuple { tuple, size: 12 }
+    }
+
+    #[inline(always)]
+    fn v6(saddr: [u32; 4], daddr: [u32; 4], sport: u16, dport: u16) -> Tuple {
+        let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
+        (t.saddr, t.daddr, t.sport, t.dport) = (saddr, daddr, sport, dport);
+        Tuple { tuple, size: 36 }
+    }
+
+    /// Whether this host has the connection: no socket → false; else what `here` says of
+    /// the socket found (listener, request, TIME_WAIT or full), which is released after.
+    #[inline(always)]
+    fn ask(mut self, ctx: &XdpContext, here: impl FnOnce(*mut bpf_sock) -> bool) -> bool {
+        let sk = unsafe {
+            bpf_skc_lookup_tcp(
+                ctx.ctx as *mut _,
+                &mut self.tuple,
+                self.size,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
         };
-        r == 0
-    } else {
-        true
-    };
-    unsafe { bpf_sk_release(sk as *mut _) };
-    Some(here)
+        if sk.is_null() {
+            return false;
+        }
+        let r = here(sk);
+        unsafe { bpf_sk_release(sk as *mut _) };
+        r
+    }
 }
 
 /// An ICMP error (IPv4 types 3, 11; ICMPv6 1-3) quoting a TCP segment this host sent (VIP
@@ -256,9 +274,8 @@ fn icmp_local(ctx: &XdpContext, l4: usize, family: u8) -> Option<bool> {
         return None;
     }
     let q = l4 + 8;
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     // The quote went from here to the client: the socket's remote end is its destination.
-    let size = if family == 4 {
+    let tuple = if family == 4 {
         let qh = check(ctx, q, 20)?;
         let vihl = ld8(qh);
         let qihl = ((vihl & 0xf) as usize) << 2;
@@ -266,40 +283,16 @@ fn icmp_local(ctx: &XdpContext, l4: usize, family: u8) -> Option<bool> {
             return None;
         }
         let p = check(ctx, q + qihl, 4)?;
-        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
-        t.saddr = ld32(qh + 16);
-        t.daddr = ld32(qh + 12);
-        t.sport = ld16(p + 2);
-        t.dport = ld16(p);
-        12u32
+        Tuple::v4(ld32(qh + 16), ld32(qh + 12), ld16(p + 2), ld16(p))
     } else {
         let qh = check(ctx, q, 40)?;
         if ld8(qh) >> 4 != 6 || ld8(qh + 6) != PROTO_TCP {
             return None;
         }
         let p = check(ctx, q + 40, 4)?;
-        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
-        t.saddr = ld_addr6(qh + 24);
-        t.daddr = ld_addr6(qh + 8);
-        t.sport = ld16(p + 2);
-        t.dport = ld16(p);
-        36u32
+        Tuple::v6(ld_addr6(qh + 24), ld_addr6(qh + 8), ld16(p + 2), ld16(p))
     };
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(
-            ctx.ctx as *mut _,
-            &mut tuple,
-            size,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
-    if sk.is_null() {
-        return Some(false);
-    }
-    let here = unsafe { (*sk).state } != TCP_LISTEN;
-    unsafe { bpf_sk_release(sk as *mut _) };
-    Some(here)
+    Some(tuple.ask(ctx, |sk| unsafe { (*sk).state != TCP_LISTEN }))
 }
 
 /// Send the packet on to the secondary it carries, marked redirected: outer destination :=
@@ -316,7 +309,10 @@ fn redirect(ctx: &XdpContext, l3: usize, outer6: bool, pd: usize) -> (u32, Decap
         let (Some(ip), Some(p)) = (check_fresh(ctx, l3, 40), check_fresh(ctx, pd, 20)) else {
             return BAD;
         };
-        st16(p + 2, u16::from_ne_bytes([ld8(p + 2) | GUE_F_REDIRECTED, ld8(p + 3)]));
+        st16(
+            p + 2,
+            u16::from_ne_bytes([ld8(p + 2) | GUE_F_REDIRECTED, ld8(p + 3)]),
+        );
         let second = ld_addr6(p + 4);
         st32(ip + 24, second[0]);
         st32(ip + 28, second[1]);
@@ -337,7 +333,10 @@ fn redirect(ctx: &XdpContext, l3: usize, outer6: bool, pd: usize) -> (u32, Decap
         if ld8(ip) != 0x45 {
             return BAD;
         }
-        st16(p + 2, u16::from_ne_bytes([ld8(p + 2) | GUE_F_REDIRECTED, ld8(p + 3)]));
+        st16(
+            p + 2,
+            u16::from_ne_bytes([ld8(p + 2) | GUE_F_REDIRECTED, ld8(p + 3)]),
+        );
         let second = ld32(p + 4);
         st32(ip + 16, second);
         st16(ip + 8, u16::from_ne_bytes([OUTER_TTL, ld8(ip + 9)]));

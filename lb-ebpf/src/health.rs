@@ -104,7 +104,11 @@ pub fn hc_encap(ctx: &TcContext) -> HcVerdict {
     }
     let entropy = flow_entropy(&flow);
     let next = if gue { PROTO_UDP } else { inner_proto };
-    let outer_et: u16 = if outer6 { 0x86DDu16.to_be() } else { 0x0800u16.to_be() };
+    let outer_et: u16 = if outer6 {
+        0x86DDu16.to_be()
+    } else {
+        0x0800u16.to_be()
+    };
     if ctx.store(0, &mac, 0).is_err() || ctx.store(12, &outer_et, 0).is_err() {
         return shot(HcReason::DropHelper);
     }
@@ -112,7 +116,12 @@ pub fn hc_encap(ctx: &TcContext) -> HcVerdict {
         let fl = entropy & 0xf_ffff;
         let pl = (inner_len + overhead - 40) as u16;
         let hdr: [u32; 10] = [
-            w(0x60 | (tos >> 4), (tos << 4) | (fl >> 16) as u8, (fl >> 8) as u8, fl as u8),
+            w(
+                0x60 | (tos >> 4),
+                (tos << 4) | (fl >> 16) as u8,
+                (fl >> 8) as u8,
+                fl as u8,
+            ),
             w((pl >> 8) as u8, pl as u8, next, OUTER_TTL),
             cfg.src6[0],
             cfg.src6[1],
@@ -140,7 +149,12 @@ pub fn hc_encap(ctx: &TcContext) -> HcVerdict {
         let sport = 0xc000 | (entropy & 0x3fff) as u16;
         let ulen = (inner_len + 8) as u16;
         let udp: [u32; 2] = [
-            w((sport >> 8) as u8, sport as u8, (GUE_PORT >> 8) as u8, GUE_PORT as u8),
+            w(
+                (sport >> 8) as u8,
+                sport as u8,
+                (GUE_PORT >> 8) as u8,
+                GUE_PORT as u8,
+            ),
             w((ulen >> 8) as u8, ulen as u8, 0, 0),
         ];
         if ctx.store(14 + ip_hdr as usize, &udp, 0).is_err() {

@@ -107,7 +107,17 @@ pub fn established(
         forwarding: info.forwarding,
         backend,
     };
-    Some(send(ctx, frame, flow, &to, be, cfg, false, false, Second::CONNTRACK))
+    Some(send(
+        ctx,
+        frame,
+        flow,
+        &to,
+        be,
+        cfg,
+        false,
+        false,
+        Second::CONNTRACK,
+    ))
 }
 
 /// Where a selected packet goes: its VIP (counters, forwarding mode) and backend.
