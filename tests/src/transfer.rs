@@ -323,9 +323,9 @@ impl Watch {
         ));
     }
 
-    /// After an event: the download flows on ([`STEP`] more bytes), is still established on
-    /// its backend, and the LB still forwards (its ACKs) to that backend.
-    pub fn mark(&mut self, tb: &Testbed, what: &str) -> Result<()> {
+    /// After an event: the download flows on ([`STEP`] more bytes) and is still established
+    /// on its backend; noted in the log.
+    pub fn progress(&mut self, what: &str) -> Result<()> {
         let at = self.shared.received.load(Ordering::Relaxed);
         let got = wait_received(&self.shared, at + STEP, what)?;
         ensure!(
@@ -334,6 +334,13 @@ impl Watch {
             self.local,
             self.own
         );
+        self.note(got, what);
+        Ok(())
+    }
+
+    /// [`Watch::progress`], and the LB still forwards (its ACKs) to that backend.
+    pub fn mark(&mut self, tb: &Testbed, what: &str) -> Result<()> {
+        self.progress(what)?;
         let p = backend_packets(tb, self.own_addr)?;
         ensure!(
             p > self.packets,
@@ -341,9 +348,82 @@ impl Watch {
             self.own
         );
         self.packets = p;
-        self.note(got, what);
         Ok(())
     }
+}
+
+/// A [`download`] from `TOTAL` bytes on a thread in the client's namespace, stopped if it
+/// is dropped unfinished.
+pub struct Running {
+    pub shared: Arc<Shared>,
+    head: mpsc::Receiver<Head>,
+    thread: thread::JoinHandle<Result<Result<Download>>>,
+    _stop: StopOnDrop,
+}
+
+impl Running {
+    pub fn start(tb: &Testbed, addr: SocketAddr) -> Running {
+        let shared = Arc::new(Shared::default());
+        let (head_tx, head) = mpsc::channel();
+        let thread = {
+            let shared = shared.clone();
+            crate::netns::spawn_in_netns(tb.client().netns(), move || {
+                download(addr, &shared, head_tx)
+            })
+        };
+        Running {
+            _stop: StopOnDrop(shared.clone()),
+            shared,
+            head,
+            thread,
+        }
+    }
+
+    /// The response's head, once it is read.
+    pub fn head(&self) -> Result<Head> {
+        self.head
+            .recv_timeout(TIMEOUT)
+            .map_err(|_| anyhow::anyhow!("no response head from the VIP"))
+    }
+
+    /// End it after the events (`done`): at full speed if they went well, stopped if not.
+    /// Prints `log`, then the verdict: every one of [`TOTAL`] bytes, byte for byte.
+    pub fn finish(self, label: &str, done: Result<()>, log: &[String]) -> Result<Download> {
+        if done.is_err() {
+            self.shared.stop.store(true, Ordering::Relaxed);
+        }
+        self.shared.fast.store(true, Ordering::Relaxed);
+        let download = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the downloading thread panicked"))
+            .and_then(|r| r)
+            .and_then(|r| r);
+        for l in log {
+            eprintln!("{label}: {l}");
+        }
+        match (done, download) {
+            (Err(e), d) => {
+                let d = d.map_or_else(|e| format!("{e:#}"), |d| format!("{d:?}"));
+                bail!("{label}: {e:#}\n  download: {d}");
+            }
+            (Ok(()), Err(e)) => bail!("{label}: the download failed: {e:#}"),
+            (Ok(()), Ok(d)) => {
+                ensure!(d.bytes == TOTAL, "{label}: {} bytes of {TOTAL}", d.bytes);
+                Ok(d)
+            }
+        }
+    }
+}
+
+/// No TCP reset since `before` ([`resets`]: client EstabResets, backends OutRsts).
+pub fn no_new_resets(tb: &Testbed, before: (u64, u64), label: &str) -> Result<()> {
+    let after = resets(tb)?;
+    ensure!(
+        after == before,
+        "{label}: TCP resets (client EstabResets, backends OutRsts): {before:?} -> {after:?}"
+    );
+    Ok(())
 }
 
 /// The VIP's backends' addresses (sorted) from `lb backend list`, and whether `addr` is

@@ -18,13 +18,13 @@
 //! Needs root.
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{atomic::Ordering, mpsc, Arc},
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use lb_tests::{
-    netns::{fmt_mac, spawn_in_netns, unique_name},
+    netns::{fmt_mac, unique_name},
     testbed::{assert_clean, ForwardingPath, Testbed, TestbedOpts},
     transfer::*,
 };
@@ -146,17 +146,9 @@ fn long_transfer_survives_operations(label: &str) -> Result<()> {
     let addr = spec.socket_addr();
     let resets_before = resets(&tb)?;
 
-    let shared = Arc::new(Shared::default());
-    let _stop = StopOnDrop(shared.clone());
-    let (head_tx, head_rx) = mpsc::channel();
-    let downloader = {
-        let shared = shared.clone();
-        spawn_in_netns(tb.client().netns(), move || {
-            download(addr, &shared, head_tx)
-        })
-    };
+    let run = Running::start(&tb, addr);
     let mut w = Watch {
-        shared: shared.clone(),
+        shared: run.shared.clone(),
         t0,
         local: addr,
         own: String::new(),
@@ -165,49 +157,19 @@ fn long_transfer_survives_operations(label: &str) -> Result<()> {
         packets: 0,
         log: Vec::new(),
     };
-    let done = head_rx
-        .recv_timeout(TIMEOUT)
-        .map_err(|_| anyhow!("no response head from the VIP"))
-        .and_then(|head| {
-            w.local = head.local;
-            events(&mut tb, &spec.name, spec.backends_v6, addr, head, &mut w)
-        });
-    // Done: the download finishes at full speed. Failed: it stops.
-    if done.is_err() {
-        shared.stop.store(true, Ordering::Relaxed);
-    }
-    shared.fast.store(true, Ordering::Relaxed);
-    let download = downloader
-        .join()
-        .map_err(|_| anyhow!("the downloading thread panicked"))
-        .and_then(|r| r)
-        .and_then(|r| r);
-    for l in &w.log {
-        eprintln!("{label}: {l}");
-    }
-    match (done, download) {
-        (Err(e), d) => {
-            let d = d.map_or_else(|e| format!("{e:#}"), |d| format!("{d:?}"));
-            bail!("{label}: {e:#}\n  download: {d}");
-        }
-        (Ok(()), Err(e)) => bail!("{label}: the download failed: {e:#}"),
-        (Ok(()), Ok(d)) => {
-            ensure!(d.bytes == TOTAL, "{label}: {} bytes of {TOTAL}", d.bytes);
-            eprintln!(
-                "{label}: {} bytes from {} in {:.2}s, byte for byte; test {:.2}s",
-                d.bytes,
-                w.own,
-                d.elapsed.as_secs_f64(),
-                t0.elapsed().as_secs_f64()
-            );
-        }
-    }
-    let resets_after = resets(&tb)?;
-    ensure!(
-        resets_after == resets_before,
-        "{label}: TCP resets (client EstabResets, backends OutRsts): {resets_before:?} -> \
-         {resets_after:?}"
+    let done = run.head().and_then(|head| {
+        w.local = head.local;
+        events(&mut tb, &spec.name, spec.backends_v6, addr, head, &mut w)
+    });
+    let d = run.finish(label, done, &w.log)?;
+    eprintln!(
+        "{label}: {} bytes from {} in {:.2}s, byte for byte; test {:.2}s",
+        d.bytes,
+        w.own,
+        d.elapsed.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
     );
+    no_new_resets(&tb, resets_before, label)?;
     tb.down()?;
     assert_clean(&prefix)
 }

@@ -22,19 +22,19 @@
 //! exactly the pattern's bytes, a clean end of stream, no TCP reset anywhere (client or
 //! backends), and nothing of the testbed left. Needs root.
 use std::{
-    net::{IpAddr, SocketAddr},
-    sync::{atomic::Ordering, mpsc, Arc},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use lb_common::{flow_hash, ring_slot, DecapReason, PROTO_TCP};
 use lb_tests::{
-    netns::{spawn_in_netns, unique_name},
+    netns::unique_name,
     packets::flow_key,
     testbed::{assert_clean, Testbed, TestbedOpts, VipSpec},
     transfer::*,
 };
+use lb_userspace::config::Config;
 
 const VIP4: [u8; 4] = [198, 18, 10, 80];
 
@@ -45,38 +45,32 @@ fn opts(prefix: &str) -> TestbedOpts {
         .backends(3)
 }
 
-/// What the download is doing, seen from outside.
+/// What the download is doing, seen from outside, and the config of its VIP.
 struct Conn {
-    shared: Arc<Shared>,
-    t0: Instant,
+    w: Watch,
     spec: VipSpec,
-    seed: u32,
-    ring_size: u32,
-    local: SocketAddr,
-    own: usize,
-    own_netns: String,
-    own_addr: IpAddr,
-    log: Vec<String>,
+    cfg: Config,
 }
 
 impl Conn {
     /// The connection's ring slot (rings of `agent.ring_size` slots).
     fn slot(&self) -> usize {
         let flow = flow_key(
-            self.local.ip(),
-            self.local.port(),
+            self.w.local.ip(),
+            self.w.local.port(),
             self.spec.address,
             self.spec.port,
             PROTO_TCP,
         );
-        ring_slot(flow_hash(self.seed, &flow, false), self.ring_size) as usize
+        let a = &self.cfg.agent;
+        ring_slot(flow_hash(a.hash_seed, &flow, false), a.ring_size) as usize
     }
 
     /// The backend the live ring names for the connection's slot.
     fn primary(&self, tb: &Testbed) -> Result<IpAddr> {
         let ring = tb.ring_on(0, &self.spec)?;
         ensure!(
-            ring.len() == self.ring_size as usize,
+            ring.len() == self.cfg.agent.ring_size as usize,
             "ring of {} slots",
             ring.len()
         );
@@ -87,23 +81,6 @@ impl Conn {
     fn redirects(tb: &Testbed) -> Result<u64> {
         let c = tb.decap_counts()?;
         Ok(c[DecapReason::Redirected as usize] + c[DecapReason::RedirectedStack as usize])
-    }
-
-    /// After an event: [`STEP`] more bytes, still established on its own backend.
-    fn mark(&mut self, what: &str) -> Result<()> {
-        let at = self.shared.received.load(Ordering::Relaxed);
-        let got = wait_received(&self.shared, at + STEP, what)?;
-        ensure!(
-            established_in(&self.own_netns, self.local)?,
-            "{what}: {} is established on {} no more",
-            self.local,
-            self.own_addr
-        );
-        self.log.push(format!(
-            "{:>6.2}s {got:>9} bytes  {what}",
-            self.t0.elapsed().as_secs_f64()
-        ));
-        Ok(())
     }
 }
 
@@ -122,63 +99,52 @@ fn restart_empty(tb: &mut Testbed) -> Result<()> {
     Ok(())
 }
 
-fn weights(tb: &Testbed, spec: &VipSpec, w: &[(IpAddr, u32)]) -> Result<()> {
-    for (a, n) in w {
-        lb(
-            tb,
-            &[
-                "backend",
-                "weight",
-                &spec.name,
-                &a.to_string(),
-                &n.to_string(),
-            ],
-        )?;
-    }
-    Ok(())
+fn weight(tb: &Testbed, spec: &VipSpec, backend: IpAddr, w: u32) -> Result<()> {
+    let (b, w) = (backend.to_string(), w.to_string());
+    lb(tb, &["backend", "weight", &spec.name, &b, &w])
 }
 
 fn events(tb: &mut Testbed, c: &mut Conn) -> Result<()> {
     let vip = c.spec.socket_addr();
-    wait_received(&c.shared, STEP, "the start")?;
+    wait_received(&c.w.shared, STEP, "the start")?;
     ensure!(
-        c.primary(tb)? == c.own_addr,
+        c.primary(tb)? == c.w.own_addr,
         "the ring names {} for the connection, but {} answered",
         c.primary(tb)?,
-        c.own_addr
+        c.w.own_addr
     );
-    c.mark(&format!("started on {}", c.own_addr))?;
+    c.w.progress(&format!("started on {}", c.w.own_addr))?;
 
     // 1. An LB that lost everything finds the same primary: nothing was needed.
     restart_empty(tb)?;
-    c.mark("LB restarted with its maps removed")?;
+    c.w.progress("LB restarted with its maps removed")?;
 
     // 2. A weight that moves the connection's slot away from its backend, in one change
     // (a slot that moves twice before its connection ends may lose it: the README says
     // so): the lightest weight for its backend whose ring, built here from the config
     // with the agent's own function, puts the slot elsewhere.
     let before = Conn::redirects(tb)?;
-    let mut cfg = tb.agent_config(std::slice::from_ref(&c.spec))?;
+    let mut cfg = c.cfg.clone();
     let slot = c.slot();
     let own = cfg.vips[0]
         .backends
         .iter()
-        .position(|b| b.address == c.own_addr)
+        .position(|b| b.address == c.w.own_addr)
         .context("own backend not in the config")?;
     let light = (1..100)
         .find(|&w| {
             cfg.vips[0].backends[own].weight = w;
             lb_userspace::reconcile::ring_addresses(&cfg, &cfg.vips[0])
-                .is_ok_and(|r| r[slot] != c.own_addr)
+                .is_ok_and(|r| r[slot] != c.w.own_addr)
         })
         .context("no weight moves the slot")?;
-    weights(tb, &c.spec, &[(c.own_addr, light)])?;
+    weight(tb, &c.spec, c.w.own_addr, light)?;
     let moved_to = c.primary(tb)?;
     ensure!(
-        moved_to != c.own_addr,
+        moved_to != c.w.own_addr,
         "the weights did not move the connection's slot (still {moved_to})"
     );
-    c.mark(&format!("slot moved to {moved_to} by weights"))?;
+    c.w.progress(&format!("slot moved to {moved_to} by weights"))?;
     let after = Conn::redirects(tb)?;
     ensure!(
         after > before,
@@ -189,7 +155,7 @@ fn events(tb: &mut Testbed, c: &mut Conn) -> Result<()> {
     let agent = tb.agent_mut().context("agent")?;
     agent.kill9()?;
     agent.spawn()?;
-    c.mark("agent killed (-9) and restarted")?;
+    c.w.progress("agent killed (-9) and restarted")?;
     ensure!(
         c.primary(tb)? == moved_to,
         "the restart moved the slot again"
@@ -197,39 +163,40 @@ fn events(tb: &mut Testbed, c: &mut Conn) -> Result<()> {
 
     // 4. Its weight back, in one change (the ring depends only on the config): the slot
     // returns. Then drain the connection's own backend.
-    weights(
+    weight(
         tb,
         &c.spec,
-        &[(c.own_addr, cfg.vips[0].backends[(own + 1) % 3].weight)],
+        c.w.own_addr,
+        c.cfg.vips[0].backends[own].weight,
     )?;
     ensure!(
-        c.primary(tb)? == c.own_addr,
+        c.primary(tb)? == c.w.own_addr,
         "equal weights again, but the slot is on {}",
         c.primary(tb)?
     );
-    c.mark("weights back: the slot returned")?;
+    c.w.progress("weights back: the slot returned")?;
     lb(
         tb,
-        &["backend", "drain", &c.spec.name, &c.own_addr.to_string()],
+        &["backend", "drain", &c.spec.name, &c.w.own_addr.to_string()],
     )?;
     ensure!(
-        c.primary(tb)? != c.own_addr,
+        c.primary(tb)? != c.w.own_addr,
         "drained, yet still the primary"
     );
-    let own_name = tb.backends()[c.own].name.clone();
+    let own_name = c.w.own.clone();
     let answered = probe(tb, vip, &own_name, "after the drain")?;
-    c.mark(&format!(
+    c.w.progress(&format!(
         "drained its backend; new connections: {answered:?}"
     ))?;
 
     // 5. The LB loses everything again, while the drain goes on.
     restart_empty(tb)?;
     ensure!(
-        listed(tb, &c.spec.name, c.own_addr)?.1,
+        listed(tb, &c.spec.name, c.w.own_addr)?.1,
         "the drain was lost in the restart"
     );
     probe(tb, vip, &own_name, "after the empty restart")?;
-    c.mark("LB restarted with its maps removed, draining")
+    c.w.progress("LB restarted with its maps removed, draining")
 }
 
 fn download_survives(v6: bool) -> Result<()> {
@@ -243,7 +210,6 @@ fn download_survives(v6: bool) -> Result<()> {
     };
     let spec = VipSpec::stateless("web", address);
     let cfg = tb.agent_config(std::slice::from_ref(&spec))?;
-    let seed = cfg.agent.hash_seed;
     tb.start_agent(&cfg)?;
     let vips = tb.lb_json(&["vip", "list"])?;
     ensure!(
@@ -253,78 +219,44 @@ fn download_survives(v6: bool) -> Result<()> {
     let resets_before = resets(&tb)?;
 
     let addr = spec.socket_addr();
-    let shared = Arc::new(Shared::default());
-    let _stop = StopOnDrop(shared.clone());
-    let (head_tx, head_rx) = mpsc::channel();
-    let downloader = {
-        let shared = shared.clone();
-        spawn_in_netns(tb.client().netns(), move || {
-            download(addr, &shared, head_tx)
-        })
-    };
+    let run = Running::start(&tb, addr);
     let mut c = Conn {
-        shared: shared.clone(),
-        t0,
-        spec: spec.clone(),
-        seed,
-        ring_size: cfg.agent.ring_size,
-        local: addr,
-        own: 0,
-        own_netns: String::new(),
-        own_addr: addr.ip(),
-        log: Vec::new(),
+        w: Watch {
+            shared: run.shared.clone(),
+            t0,
+            local: addr,
+            own: String::new(),
+            own_netns: String::new(),
+            own_addr: addr.ip(),
+            packets: 0,
+            log: Vec::new(),
+        },
+        spec,
+        cfg,
     };
-    let done = head_rx
-        .recv_timeout(Duration::from_secs(10))
-        .map_err(|_| anyhow!("no response head from the VIP"))
-        .and_then(|head| {
-            c.local = head.local;
-            c.own = tb
-                .backends()
-                .iter()
-                .position(|b| b.name == head.backend)
-                .with_context(|| format!("answered by {:?}", head.backend))?;
-            c.own_netns = tb.backends()[c.own].netns().to_string();
-            c.own_addr = tb.backends()[c.own].addr(v6);
-            events(&mut tb, &mut c)
-        });
-    if done.is_err() {
-        shared.stop.store(true, Ordering::Relaxed);
-    }
-    shared.fast.store(true, Ordering::Relaxed);
-    let download = downloader
-        .join()
-        .map_err(|_| anyhow!("the downloading thread panicked"))
-        .and_then(|r| r)
-        .and_then(|r| r);
+    let done = run.head().and_then(|head| {
+        let own = tb
+            .backends()
+            .iter()
+            .find(|b| b.name == head.backend)
+            .with_context(|| format!("answered by {:?}", head.backend))?;
+        c.w.local = head.local;
+        c.w.own = head.backend;
+        c.w.own_netns = own.netns().to_string();
+        c.w.own_addr = own.addr(v6);
+        events(&mut tb, &mut c)
+    });
     let label = if v6 { "stateless6" } else { "stateless4" };
-    for l in &c.log {
-        eprintln!("{label}: {l}");
-    }
     let counts = tb.decap_counts().unwrap_or_default();
     eprintln!("{label}: decap counters {counts:?}");
-    match (done, download) {
-        (Err(e), d) => {
-            let d = d.map_or_else(|e| format!("{e:#}"), |d| format!("{d:?}"));
-            bail!("{label}: {e:#}\n  download: {d}");
-        }
-        (Ok(()), Err(e)) => bail!("{label}: the download failed: {e:#}"),
-        (Ok(()), Ok(d)) => {
-            ensure!(d.bytes == TOTAL, "{label}: {} bytes of {TOTAL}", d.bytes);
-            eprintln!(
-                "{label}: {} bytes in {:.2}s, byte for byte; test {:.2}s",
-                d.bytes,
-                d.elapsed.as_secs_f64(),
-                t0.elapsed().as_secs_f64()
-            );
-        }
-    }
-    let resets_after = resets(&tb)?;
-    ensure!(
-        resets_after == resets_before,
-        "{label}: TCP resets (client EstabResets, backends OutRsts): {resets_before:?} -> \
-         {resets_after:?}"
+    let d = run.finish(label, done, &c.w.log)?;
+    eprintln!(
+        "{label}: {} bytes in {:.2}s, byte for byte; test {:.2}s",
+        d.bytes,
+        d.elapsed.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
     );
+    no_new_resets(&tb, resets_before, label)?;
     tb.down()?;
     assert_clean(&prefix)
 }

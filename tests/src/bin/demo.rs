@@ -19,7 +19,6 @@ use std::{
 
 use anyhow::{Context, Result};
 use lb_tests::{
-    netns::spawn_in_netns,
     testbed::{Testbed, TestbedOpts, VipSpec},
     transfer,
 };
@@ -186,7 +185,7 @@ impl Demo {
 /// A stateless VIP: a download survives an LB that lost everything, and a drain of its own
 /// backend through the backends' second chance.
 fn stateless(demo: &mut Demo) -> Result<()> {
-    use std::sync::{atomic::Ordering, mpsc, Arc};
+    use std::sync::atomic::Ordering;
     let spec = VipSpec::stateless("webs", "198.18.10.3".parse::<IpAddr>()?);
     demo.step(&format!(
         "a stateless VIP: no connection table on the LB, a second chance on the backends ({})",
@@ -198,18 +197,9 @@ fn stateless(demo: &mut Demo) -> Result<()> {
     }
     demo.lb(&["vip", "list"])?;
     let addr = spec.socket_addr();
-    let shared = Arc::new(transfer::Shared::default());
-    let _stop = transfer::StopOnDrop(shared.clone());
-    let (head_tx, head_rx) = mpsc::channel();
-    let downloader = {
-        let shared = shared.clone();
-        spawn_in_netns(demo.tb.client().netns(), move || {
-            transfer::download(addr, &shared, head_tx)
-        })
-    };
-    let head = head_rx
-        .recv_timeout(Duration::from_secs(10))
-        .context("no response from the stateless VIP")?;
+    let run = transfer::Running::start(&demo.tb, addr);
+    let shared = run.shared.clone();
+    let head = run.head()?;
     let own = demo
         .tb
         .backends()
@@ -258,11 +248,7 @@ fn stateless(demo: &mut Demo) -> Result<()> {
         head.backend
     );
 
-    shared.fast.store(true, Ordering::Relaxed);
-    let d = downloader
-        .join()
-        .map_err(|_| anyhow::anyhow!("the downloading thread panicked"))??
-        .context("the download")?;
+    let d = run.finish("demo", Ok(()), &[])?;
     println!(
         "  download complete: {} bytes, every byte checked, clean end of stream",
         d.bytes
