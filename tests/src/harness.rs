@@ -15,6 +15,27 @@ pub fn test_sizes() -> Sizes {
     }
 }
 
+/// The `[agent]` table of tests that reconcile straight into maps loaded with
+/// [`test_sizes`]: never attached (`lo`), a fixed seed, and a gateway MAC and outer source
+/// so that nothing needs resolving.
+pub fn test_agent(ring_size: u32) -> lb_userspace::config::AgentConfig {
+    let s = test_sizes();
+    lb_userspace::config::AgentConfig {
+        interface: "lo".into(),
+        xdp_mode: lb_userspace::config::XdpMode::Native,
+        hash_seed: 42,
+        ring_size,
+        max_vips: s.max_vips,
+        max_backends: s.max_backends,
+        max_conns: s.max_conns,
+        mtu: None,
+        gateway_mac: Some("02:00:00:00:00:fe".parse().unwrap()),
+        encap_source_v4: Some("198.18.255.0/24".parse().unwrap()),
+        encap_source_v6: None,
+        metrics: lb_userspace::config::Listen::Off,
+    }
+}
+
 /// What a program did with one frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Run {

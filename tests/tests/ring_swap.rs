@@ -14,29 +14,20 @@ use std::{
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya_obj::programs::XdpAttachType;
 use lb_common::*;
-use lb_tests::{fixture::v4, harness::test_sizes, packets::Opts};
+use lb_tests::{
+    fixture::v4,
+    harness::{self, test_sizes},
+    packets::Opts,
+};
 use lb_userspace::{
-    config::{AgentConfig, BackendConfig, Config, Forwarding, Protocol, VipConfig, XdpMode},
+    config::{BackendConfig, Config, Forwarding, Protocol, VipConfig},
     dataplane::{addr_raw, Dataplane},
     reconcile::{self, Applied},
 };
 
 fn config(backends: &[(u8, u32)]) -> Config {
     Config {
-        agent: AgentConfig {
-            interface: "lo".into(),
-            xdp_mode: XdpMode::Native,
-            hash_seed: 42,
-            ring_size: 65537,
-            max_vips: 16,
-            max_backends: 256,
-            max_conns: lb_tests::support::conns_for(100_000),
-            mtu: None,
-            gateway_mac: Some("02:00:00:00:00:fe".parse().unwrap()),
-            encap_source_v4: Some("198.18.255.0/24".parse().unwrap()),
-            encap_source_v6: None,
-            metrics: lb_userspace::config::Listen::Off,
-        },
+        agent: harness::test_agent(65537),
         bgp: None,
         vips: vec![VipConfig {
             name: "web".into(),

@@ -14,7 +14,7 @@ use lb_tests::{
     packets::Opts,
 };
 use lb_userspace::{
-    config::{AgentConfig, BackendConfig, Config, Forwarding, Mode, Protocol, VipConfig, XdpMode},
+    config::{BackendConfig, Config, Forwarding, Mode, Protocol, VipConfig},
     dataplane::Dataplane,
     reconcile::{self, Applied},
 };
@@ -23,20 +23,7 @@ const RING: u32 = 4093;
 
 fn config(mode: Mode, backends: &[(u8, u32, bool)]) -> Config {
     Config {
-        agent: AgentConfig {
-            interface: "lo".into(),
-            xdp_mode: XdpMode::Native,
-            hash_seed: 42,
-            ring_size: RING,
-            max_vips: 16,
-            max_backends: 256,
-            max_conns: lb_tests::support::conns_for(10_000),
-            mtu: None,
-            gateway_mac: Some("02:00:00:00:00:fe".parse().unwrap()),
-            encap_source_v4: Some("198.18.255.0/24".parse().unwrap()),
-            encap_source_v6: None,
-            metrics: lb_userspace::config::Listen::Off,
-        },
+        agent: harness::test_agent(RING),
         bgp: None,
         vips: vec![VipConfig {
             name: "web".into(),
@@ -59,38 +46,58 @@ fn config(mode: Mode, backends: &[(u8, u32, bool)]) -> Config {
     }
 }
 
-/// The live ring's words, with each id turned into its backend's last address byte (0 for
-/// none): (primary, secondary) per slot.
-fn words(dp: &Dataplane, cfg: &Config) -> Vec<(u8, u8)> {
-    let key = reconcile::vip_key(&cfg.vips[0]);
-    let meta = dp.vips.get(&key, 0).unwrap();
-    let backends = dp.read_backends().unwrap();
-    let byte = |id: u32| backends[id as usize].addr[0].to_ne_bytes()[3];
-    dp.read_ring(meta.ring_base, meta.ring_size)
-        .unwrap()
-        .into_iter()
-        .map(|w| {
-            let (p, s) = (ring_primary(w), ring_secondary(w));
-            (byte(p), if s == p { 0 } else { byte(s) })
-        })
-        .collect()
+/// An LB's maps and what the agent applied to them: configs in, ring words out.
+struct Lb {
+    dp: Dataplane,
+    applied: Applied,
 }
 
-fn apply(dp: &mut Dataplane, applied: &mut Applied, cfg: &Config) {
-    cfg.validate().unwrap();
-    reconcile::reconcile(dp, cfg, applied, 1500).unwrap();
+impl Lb {
+    fn new() -> Lb {
+        Lb {
+            dp: Dataplane::load(test_sizes()).unwrap(),
+            applied: Applied::default(),
+        }
+    }
+
+    /// Reconcile to `cfg`; then its VIP's live ring, each id turned into its backend's last
+    /// address byte (0 for none): (primary, secondary) per slot.
+    fn apply(&mut self, cfg: &Config) -> Vec<(u8, u8)> {
+        cfg.validate().unwrap();
+        reconcile::reconcile(&mut self.dp, cfg, &mut self.applied, 1500).unwrap();
+        let meta = self.meta(cfg);
+        if meta.ring_size == 0 {
+            return Vec::new();
+        }
+        let backends = self.dp.read_backends().unwrap();
+        let byte = |id: u32| backends[id as usize].addr[0].to_ne_bytes()[3];
+        self.dp
+            .read_ring(meta.ring_base, meta.ring_size)
+            .unwrap()
+            .into_iter()
+            .map(|w| {
+                let (p, s) = (ring_primary(w), ring_secondary(w));
+                (byte(p), if s == p { 0 } else { byte(s) })
+            })
+            .collect()
+    }
+
+    fn meta(&self, cfg: &Config) -> VipMeta {
+        self.dp
+            .vips
+            .get(&reconcile::vip_key(&cfg.vips[0]), 0)
+            .unwrap()
+    }
 }
 
 #[test]
 fn a_slot_that_moves_names_its_previous_owner_and_one_that_stays_keeps_its_secondary() {
-    let mut dp = Dataplane::load(test_sizes()).unwrap();
-    let mut applied = Applied::default();
+    let mut lb = Lb::new();
     let c0 = config(
         Mode::Stateless,
         &[(11, 100, false), (12, 100, false), (13, 100, false)],
     );
-    apply(&mut dp, &mut applied, &c0);
-    let w0 = words(&dp, &c0);
+    let w0 = lb.apply(&c0);
     assert!(
         w0.iter().all(|&(p, s)| p != s),
         "a secondary equal to its primary"
@@ -109,8 +116,7 @@ fn a_slot_that_moves_names_its_previous_owner_and_one_that_stays_keeps_its_secon
         Mode::Stateless,
         &[(11, 100, false), (12, 100, false), (13, 400, false)],
     );
-    apply(&mut dp, &mut applied, &c1);
-    let w1 = words(&dp, &c1);
+    let w1 = lb.apply(&c1);
     let (mut moved, mut kept) = (0, 0);
     for (s, (&(p0, s0), &(p1, s1))) in w0.iter().zip(&w1).enumerate() {
         if p0 != p1 {
@@ -131,18 +137,9 @@ fn a_slot_that_moves_names_its_previous_owner_and_one_that_stays_keeps_its_secon
     assert!(kept > 0);
 
     // The same config again changes nothing (the ring is not even rewritten).
-    let base = dp
-        .vips
-        .get(&reconcile::vip_key(&c1.vips[0]), 0)
-        .unwrap()
-        .ring_base;
-    apply(&mut dp, &mut applied, &c1);
-    assert_eq!(words(&dp, &c1), w1);
-    let again = dp
-        .vips
-        .get(&reconcile::vip_key(&c1.vips[0]), 0)
-        .unwrap()
-        .ring_base;
+    let base = lb.meta(&c1).ring_base;
+    assert_eq!(lb.apply(&c1), w1);
+    let again = lb.meta(&c1).ring_base;
     assert_eq!(base, again, "an unchanged config rewrote the ring");
 }
 
@@ -150,14 +147,11 @@ fn a_slot_that_moves_names_its_previous_owner_and_one_that_stays_keeps_its_secon
 fn a_draining_backend_is_its_slots_secondary_also_after_a_restart_without_the_live_ring() {
     let all = [(11, 100, false), (12, 100, false), (13, 100, false)];
     let drained = [(11, 100, false), (12, 100, true), (13, 100, false)];
-    let mut dp = Dataplane::load(test_sizes()).unwrap();
-    let mut applied = Applied::default();
+    let mut lb = Lb::new();
     let c0 = config(Mode::Stateless, &all);
-    apply(&mut dp, &mut applied, &c0);
-    let w0 = words(&dp, &c0);
+    let w0 = lb.apply(&c0);
     let c1 = config(Mode::Stateless, &drained);
-    apply(&mut dp, &mut applied, &c1);
-    let w1 = words(&dp, &c1);
+    let w1 = lb.apply(&c1);
     let owned: Vec<usize> = (0..w0.len()).filter(|&s| w0[s].0 == 12).collect();
     assert!(!owned.is_empty());
     for &s in &owned {
@@ -167,10 +161,7 @@ fn a_draining_backend_is_its_slots_secondary_also_after_a_restart_without_the_li
 
     // A new LB (or one whose maps were removed) with the same config: no live ring to
     // learn from, the draining backend is still named for its slots.
-    let mut fresh = Dataplane::load(test_sizes()).unwrap();
-    let mut applied = Applied::default();
-    apply(&mut fresh, &mut applied, &c1);
-    let w2 = words(&fresh, &c1);
+    let w2 = Lb::new().apply(&c1);
     for &s in &owned {
         assert_eq!(w2[s].0, w1[s].0, "slot {s}: another primary on a fresh LB");
         assert_eq!(w2[s].1, 12, "slot {s}: fresh LB, secondary .{}", w2[s].1);
@@ -179,17 +170,15 @@ fn a_draining_backend_is_its_slots_secondary_also_after_a_restart_without_the_li
 
 #[test]
 fn a_conntrack_ring_carries_no_secondaries() {
-    let mut dp = Dataplane::load(test_sizes()).unwrap();
-    let mut applied = Applied::default();
+    let mut lb = Lb::new();
     let c = config(
         Mode::Conntrack,
         &[(11, 100, false), (12, 100, false), (13, 100, false)],
     );
-    apply(&mut dp, &mut applied, &c);
-    let key = reconcile::vip_key(&c.vips[0]);
-    let meta = dp.vips.get(&key, 0).unwrap();
+    lb.apply(&c);
+    let meta = lb.meta(&c);
     assert_eq!(meta.flags & VIP_F_STATELESS, 0);
-    let ring = dp.read_ring(meta.ring_base, meta.ring_size).unwrap();
+    let ring = lb.dp.read_ring(meta.ring_base, meta.ring_size).unwrap();
     assert!(ring.iter().all(|&w| ring_secondary(w) == 0));
 }
 
@@ -198,17 +187,14 @@ fn a_conntrack_ring_carries_no_secondaries() {
 /// at the offsets the spec gives, not through our parser).
 #[test]
 fn a_packet_of_a_moved_slot_carries_its_old_owner_s_address() {
-    let mut dp = Dataplane::load(test_sizes()).unwrap();
-    let mut applied = Applied::default();
+    let mut lb = Lb::new();
     let c0 = config(Mode::Stateless, &[(11, 100, false), (12, 100, false)]);
-    apply(&mut dp, &mut applied, &c0);
-    let w0 = words(&dp, &c0);
+    let w0 = lb.apply(&c0);
     let c1 = config(
         Mode::Stateless,
         &[(11, 100, false), (12, 100, false), (13, 100, false)],
     );
-    apply(&mut dp, &mut applied, &c1);
-    let w1 = words(&dp, &c1);
+    let w1 = lb.apply(&c1);
     let vip = Ipv4Addr::new(198, 18, 10, 1);
     let client = Ipv4Addr::new(198, 18, 1, 7);
     let mut checked = 0;
@@ -216,7 +202,7 @@ fn a_packet_of_a_moved_slot_carries_its_old_owner_s_address() {
         let flow = lb_tests::packets::flow4(client, sport, vip, 80, PROTO_TCP);
         let slot = ring_slot(flow_hash(42, &flow, false), RING) as usize;
         let frame = Opts::default().tcp4(client, sport, vip, 80, b"x");
-        let run = harness::run(&mut dp, "lb", &frame).unwrap();
+        let run = harness::run(&mut lb.dp, "lb", &frame).unwrap();
         let out = &run.frame;
         assert_eq!(run.action, 3, "XDP_TX for sport {sport}");
         // Ethernet 14, outer IPv4 20, UDP 8, then GUE: hlen 2, proto 4, 0, 0, "LB", flags.
@@ -239,18 +225,15 @@ fn a_packet_of_a_moved_slot_carries_its_old_owner_s_address() {
 /// id is retired and may come back for a newcomer).
 #[test]
 fn a_removed_backend_is_no_slot_s_secondary() {
-    let mut dp = Dataplane::load(test_sizes()).unwrap();
-    let mut applied = Applied::default();
+    let mut lb = Lb::new();
     let c0 = config(
         Mode::Stateless,
         &[(11, 100, false), (12, 100, false), (13, 100, false)],
     );
-    apply(&mut dp, &mut applied, &c0);
-    let w0 = words(&dp, &c0);
+    let w0 = lb.apply(&c0);
     assert!(w0.iter().any(|&(p, _)| p == 13));
     let c1 = config(Mode::Stateless, &[(11, 100, false), (12, 100, false)]);
-    apply(&mut dp, &mut applied, &c1);
-    let w1 = words(&dp, &c1);
+    let w1 = lb.apply(&c1);
     for (s, &(p, sec)) in w1.iter().enumerate() {
         assert!(
             p != 13 && sec != 13,
@@ -263,20 +246,16 @@ fn a_removed_backend_is_no_slot_s_secondary() {
 /// would keep their connections), the same primaries as before the drain.
 #[test]
 fn a_stateless_vip_whose_backends_all_drain_keeps_a_ring_over_them() {
-    let mut dp = Dataplane::load(test_sizes()).unwrap();
-    let mut applied = Applied::default();
+    let mut lb = Lb::new();
     let c0 = config(Mode::Stateless, &[(11, 100, false), (12, 100, false)]);
-    apply(&mut dp, &mut applied, &c0);
-    let w0 = words(&dp, &c0);
+    let w0 = lb.apply(&c0);
     let c1 = config(Mode::Stateless, &[(11, 100, true), (12, 100, true)]);
-    apply(&mut dp, &mut applied, &c1);
-    let w1 = words(&dp, &c1);
+    let w1 = lb.apply(&c1);
     assert_eq!(w1.len(), RING as usize, "an empty ring");
     let p = |w: &[(u8, u8)]| w.iter().map(|x| x.0).collect::<Vec<_>>();
     assert_eq!(p(&w1), p(&w0));
     // A conntrack VIP keeps its drained backends' flows in its table: its ring empties.
     let c2 = config(Mode::Conntrack, &[(11, 100, true), (12, 100, true)]);
-    apply(&mut dp, &mut applied, &c2);
-    let meta = dp.vips.get(&reconcile::vip_key(&c2.vips[0]), 0).unwrap();
-    assert_eq!(meta.ring_size, 0);
+    lb.apply(&c2);
+    assert_eq!(lb.meta(&c2).ring_size, 0);
 }
